@@ -1,0 +1,69 @@
+"""tvdnet: key-insulated symmetric messaging between the VMs of a Trusted Virtual Domain.
+
+The guest side (the paper's "computer"). Public API:
+
+- `tvdnet.scheme`: the key-insulated scheme (G, U*, U) and the period schedule.
+- `tvdnet.channel`: the bridge <-> node key-channel messages (SPEC §5).
+- `Session` and its events: the sans-I/O peer protocol (SPEC §4).
+"""
+
+from . import channel, scheme
+from ._constants import FRAME_LIMIT, MESSAGE_LIMIT, PROTOCOL_VERSION, SKEW_ALLOWANCE
+from ._errors import (
+    ChannelError,
+    FrameError,
+    InvalidId,
+    InvalidKey,
+    InvalidSchedule,
+    MessageTooLarge,
+    NoSuchPeriod,
+    TvdnetError,
+    UnknownPeer,
+    UnserializableBody,
+    WindowFull,
+)
+from ._events import (
+    ConnectionAuthenticated,
+    Dial,
+    Event,
+    KeyErased,
+    MessageAcknowledged,
+    MessageReceived,
+    PeerRestarted,
+    Refused,
+    SendFailed,
+)
+from ._session import ConnectionState, Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FRAME_LIMIT",
+    "MESSAGE_LIMIT",
+    "PROTOCOL_VERSION",
+    "SKEW_ALLOWANCE",
+    "ChannelError",
+    "ConnectionAuthenticated",
+    "ConnectionState",
+    "Dial",
+    "Event",
+    "FrameError",
+    "InvalidId",
+    "InvalidKey",
+    "InvalidSchedule",
+    "KeyErased",
+    "MessageAcknowledged",
+    "MessageReceived",
+    "MessageTooLarge",
+    "NoSuchPeriod",
+    "PeerRestarted",
+    "Refused",
+    "SendFailed",
+    "Session",
+    "TvdnetError",
+    "UnknownPeer",
+    "UnserializableBody",
+    "WindowFull",
+    "channel",
+    "scheme",
+]

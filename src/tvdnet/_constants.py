@@ -1,0 +1,41 @@
+"""Protocol constants and the policy numbers of tvdnet v1, in one place.
+
+Values fixed by SPEC.md are marked with the section that fixes them; the rest are
+policy choices of this implementation (the spec leaves them open).
+"""
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+
+KEY_LEN: Final = 32  # SPEC §3: every key input is exactly 32 bytes
+NONCE_LEN: Final = 16  # SPEC §4: HELLO nonce
+INSTANCE_LEN: Final = 8  # SPEC §4: HELLO instance
+
+FRAME_LIMIT: Final = 1 << 20  # SPEC §4: a larger frame closes the connection
+MESSAGE_LIMIT: Final = FRAME_LIMIT - 64  # SPEC §4: largest packed [0, seq, body]
+# Largest plaintext that still fits one DATA frame: [1, t, n, bin32(ciphertext)] costs at
+# most 1 + 1 + 9 + 9 + 5 bytes around a ciphertext of plaintext + 16 bytes of tag.
+PLAINTEXT_LIMIT: Final = FRAME_LIMIT - 41
+TAG_LEN: Final = 16
+
+SKEW_ALLOWANCE: Final = 2.0  # SPEC §4: default clock-skew allowance, seconds
+
+# SPEC §4 asks for an ACK within 100 ms of any MSG: the session ACKs at once, and under
+# load the ACK rides in the next frame the writer seals anyway.
+RESEND_INITIAL: Final = 1.0  # SPEC §4: re-send when the oldest has waited 1 s
+RESEND_MAX: Final = 30.0  # SPEC §4: backing off to 30 s
+
+# Policy (not fixed by the spec).
+HANDSHAKE_TIMEOUT: Final = 10.0  # both HELLOs within this, else CLOSE timeout
+KEEPALIVE_INTERVAL: Final = 10.0  # an ACK-only frame after this much silence
+IDLE_TIMEOUT: Final = 35.0  # no authenticated DATA for this long: CLOSE timeout
+DIAL_BACKOFF_INITIAL: Final = 0.5
+DIAL_BACKOFF_MAX: Final = 30.0
+SEND_WINDOW_MESSAGES: Final = 4096  # unacknowledged messages per peer
+SEND_WINDOW_BYTES: Final = 8 << 20  # unacknowledged packed bytes per peer
+
+CHANNEL_LIMIT: Final = 1 << 20  # key-channel message size limit (policy, like FRAME_LIMIT)
+CHANNEL_RESEND_INITIAL: Final = 1.0  # SPEC §5: re-send an unacknowledged update after 1 s
+CHANNEL_RESEND_MAX: Final = 8.0
+CHANNEL_HELLO_RETRY: Final = 1.0  # SPEC §5: the node re-sends hello every 1 s

@@ -1,0 +1,85 @@
+"""What the sans-I/O `Session` tells the layer that drives it (h11 style: small, immutable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A message from `sender`, delivered in order and exactly once, under period `period`."""
+
+    sender: str
+    period: int
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAcknowledged:
+    """The peer acknowledged the message that `Session.send` returned `handle` for."""
+
+    peer: str
+    handle: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    """The message `handle` will never be delivered (its peer left the TVD)."""
+
+    peer: str
+    handle: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    """The session wants a connection to `peer`: dial it, then call `connect` or `dial_failed`."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAuthenticated:
+    """The peer's first DATA frame on `conn` authenticated; `active` is the kept connection."""
+
+    conn: int
+    peer: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestarted:
+    """An authenticated connection showed a new instance of `peer` (SPEC §4 Delivery)."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Input refused on `conn`: a REJECT sent, a CLOSE sent, or an authentication failure."""
+
+    conn: int
+    peer: str | None
+    cause: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyErased:
+    """The period key of `peer` for `period` ended (plus the allowance) and was erased."""
+
+    peer: str
+    period: int
+
+
+Event = (
+    MessageReceived
+    | MessageAcknowledged
+    | SendFailed
+    | Dial
+    | ConnectionAuthenticated
+    | PeerRestarted
+    | Refused
+    | KeyErased
+)

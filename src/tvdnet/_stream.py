@@ -1,0 +1,80 @@
+"""Splitting a byte stream of concatenated msgpack objects, with a size limit per object."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+import msgpack
+
+# What msgpack raises on bad input: malformed data, invalid UTF-8, deep nesting,
+# unhashable map keys, bad extension payloads.
+UNPACK_ERRORS: Final = (ValueError, TypeError, msgpack.UnpackException)
+
+
+class StreamDecodeError(Exception):
+    """Raised by MsgpackReader; `too_large` tells an oversized object from garbage."""
+
+    def __init__(self, too_large: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.too_large = too_large
+        self.detail = detail
+
+
+class MsgpackReader:
+    """Yields the msgpack objects of a byte stream, refusing any larger than `limit` bytes.
+
+    Bytes are fed in pieces small enough that the unconsumed buffer never holds more than
+    limit + 1 bytes: an object still incomplete at that size is too large, whatever its
+    remaining bytes would have been, and memory stays bounded.
+    """
+
+    __slots__ = ("_fed", "_limit", "_unpacker")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._unpacker: msgpack.Unpacker
+        self._fed = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Discard whatever was partly read (SPEC §5: after EOF, HUP, EIO or garbage)."""
+        self._unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=True, use_list=True, max_buffer_size=self._limit + 1
+        )
+        self._fed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a whole object."""
+        return self._fed - self._unpacker.tell()
+
+    def feed(self, data: bytes) -> Iterator[object]:
+        """Yield every object completed by `data`; raise StreamDecodeError at the first bad one."""
+        unpacker = self._unpacker
+        limit = self._limit
+        view = memoryview(data)
+        while view:
+            room = limit + 1 - self.buffered
+            piece, view = view[:room], view[room:]
+            unpacker.feed(piece)
+            self._fed += len(piece)
+            start = unpacker.tell()
+            while True:
+                try:
+                    obj = unpacker.unpack()
+                except msgpack.OutOfData:
+                    break
+                except UNPACK_ERRORS as exc:
+                    raise StreamDecodeError(
+                        False, f"undecodable msgpack ({type(exc).__name__})"
+                    ) from None
+                end = unpacker.tell()
+                if end - start > limit:
+                    raise StreamDecodeError(
+                        True, f"{end - start} bytes, over the {limit}-byte limit"
+                    )
+                start = end
+                yield obj
+            if self.buffered > limit:
+                raise StreamDecodeError(True, f"more than the {limit}-byte limit")

@@ -1,0 +1,514 @@
+"""The key-insulated symmetric scheme of Dodis, Luo, Xu and Yung (SPEC §1-§3).
+
+The paper's algorithms map to this module as follows:
+
+- G  (key generation):       `generate(tvd, members)` -> `Provisioning`
+- U* (device key-update):     `evolve_device_key` (dev_t -> dev_{t+1}) and `device_update`
+                              (dev_t -> partial key); `DeviceKeys` applies both for a bridge
+- U  (computer key-update):   `computer_update` (partial + computer master key -> SK_t);
+                              `PeriodKey` applies it at a node and erases what it replaces
+
+E and D (encryption under SK_t) are the DATA frames of the peer protocol (SPEC §4).
+
+Key bytes that live longer than a call are kept in `bytearray`s and overwritten when they
+are replaced. CPython cannot promise more than that: the `bytes` that hmac and
+cryptography return are freed, not zeroed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import math
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Final, NamedTuple
+
+from ._constants import KEY_LEN, SKEW_ALLOWANCE
+from ._encoding import check_id, pair_context, sorted_pair, u64
+from ._errors import InvalidId, InvalidKey, InvalidSchedule, NoSuchPeriod
+
+__all__ = [
+    "ComputerKeys",
+    "DeviceKeys",
+    "KeyStatus",
+    "Pair",
+    "PeriodKey",
+    "Provisioning",
+    "Schedule",
+    "UpdateResult",
+    "computer_update",
+    "device_update",
+    "evolve_device_key",
+    "generate",
+]
+
+_EVOLVE_LABEL: Final = b"tvdnet.v1.evolve"
+_DEVICE_LABEL: Final = b"tvdnet.v1.device"
+_COMPUTER_LABEL: Final = b"tvdnet.v1.computer"
+
+KeyBytes = bytes | bytearray | memoryview
+
+
+def _check_key(key: object, what: str) -> None:
+    if not isinstance(key, bytes | bytearray | memoryview) or len(key) != KEY_LEN:
+        size = len(key) if isinstance(key, bytes | bytearray | memoryview) else None
+        got = f"{size} bytes" if size is not None else type(key).__name__
+        raise InvalidKey(f"{what} must be exactly {KEY_LEN} bytes (got {got})")
+
+
+def _check_period(t: object, what: str = "period") -> int:
+    if type(t) is not int or t < 1 or t >= 1 << 64:
+        raise NoSuchPeriod(f"{what} must be an integer from 1 to 2**64-1 (got {t!r})")
+    return t
+
+
+def _context(tvd: str, a: str, b: str) -> bytes:
+    check_id(tvd, "tvd")
+    check_id(a, "member a")
+    check_id(b, "member b")
+    if a == b:
+        raise InvalidId("a pair needs two different members (a == b)")
+    return pair_context(tvd, a, b)
+
+
+def _hmac(key: KeyBytes, message: bytes) -> bytes:
+    return hmac.digest(key, message, "sha256")
+
+
+def evolve_device_key(dev_t: KeyBytes, tvd: str, a: str, b: str, t: int) -> bytes:
+    """U*, first half: dev_{t+1} = HMAC-SHA256(dev_t, "tvdnet.v1.evolve" || pc || u64(t+1))."""
+    _check_key(dev_t, "the device key")
+    _check_period(t)
+    return _hmac(dev_t, _EVOLVE_LABEL + _context(tvd, a, b) + u64(t + 1))
+
+
+def device_update(dev_t: KeyBytes, tvd: str, a: str, b: str, t: int) -> bytes:
+    """U*: the partial key of period t, HMAC-SHA256(dev_t, "tvdnet.v1.device" || pc || u64(t))."""
+    _check_key(dev_t, "the device key")
+    _check_period(t)
+    return _hmac(dev_t, _DEVICE_LABEL + _context(tvd, a, b) + u64(t))
+
+
+def computer_update(
+    partial: KeyBytes, comp_key: KeyBytes, tvd: str, a: str, b: str, t: int
+) -> bytes:
+    """U: SK_t = partial XOR HMAC-SHA256(comp, "tvdnet.v1.computer" || pc || u64(t))."""
+    _check_key(partial, "the partial key")
+    _check_key(comp_key, "the computer master key")
+    _check_period(t)
+    mask = _hmac(comp_key, _COMPUTER_LABEL + _context(tvd, a, b) + u64(t))
+    return (int.from_bytes(partial, "big") ^ int.from_bytes(mask, "big")).to_bytes(KEY_LEN, "big")
+
+
+def _zero(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Periods t = 1..N; period t covers [epoch + (t-1)*period_s, epoch + t*period_s) (SPEC §3)."""
+
+    epoch: float
+    period_s: float
+    periods: int
+
+    def __post_init__(self) -> None:
+        for name in ("epoch", "period_s"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise InvalidSchedule(f"{name} must be a finite number (got {value!r})")
+        if self.period_s <= 0:
+            raise InvalidSchedule(f"period_s must be > 0 (got {self.period_s!r})")
+        if type(self.periods) is not int or not 1 <= self.periods < 1 << 64:
+            raise InvalidSchedule(f"periods must be an integer >= 1 (got {self.periods!r})")
+
+    def period_at(self, now: float) -> int:
+        """The period that contains `now`; NoSuchPeriod before the epoch or after period N."""
+        if now < self.epoch:
+            raise NoSuchPeriod(f"{now} is before the schedule's epoch {self.epoch}")
+        t = math.floor((now - self.epoch) / self.period_s) + 1
+        # Float division can land one period off right at a boundary: settle it with the
+        # same arithmetic that start() and end() use, so the three always agree.
+        if t > 1 and now < self.epoch + (t - 1) * self.period_s:
+            t -= 1
+        elif now >= self.epoch + t * self.period_s:
+            t += 1
+        if t > self.periods:
+            raise NoSuchPeriod(f"{now} is after the last period {self.periods}", t)
+        return t
+
+    def start(self, t: int) -> float:
+        self.check(t)
+        return self.epoch + (t - 1) * self.period_s
+
+    def end(self, t: int) -> float:
+        self.check(t)
+        return self.epoch + t * self.period_s
+
+    def check(self, t: object) -> int:
+        """Return t if it names a period of this schedule, else raise NoSuchPeriod."""
+        if type(t) is not int or not 1 <= t <= self.periods:
+            raise NoSuchPeriod(f"period {t!r} is outside 1..{self.periods}", None)
+        return t
+
+
+# --------------------------------------------------------------------------- G
+
+
+class Pair(NamedTuple):
+    """An unordered pair of different members, stored sorted bytewise."""
+
+    lo: str
+    hi: str
+
+    @classmethod
+    def of(cls, a: str, b: str) -> Pair:
+        if a == b:
+            raise InvalidId("a pair needs two different members (a == b)")
+        lo, hi = sorted_pair(a, b)
+        return cls(lo, hi)
+
+    def other(self, member: str) -> str:
+        if member == self.lo:
+            return self.hi
+        if member == self.hi:
+            return self.lo
+        raise InvalidId("the member is not part of this pair")
+
+
+class DeviceKeys:
+    """What a bridge holds (SPEC §1, §3): the current device key dev_t of each pair.
+
+    It only moves forward: `evolve_to` overwrites every dev_t in place, so no earlier
+    device key survives in this object.
+    """
+
+    __slots__ = ("_keys", "period", "tvd")
+
+    def __init__(self, tvd: str, period: int, keys: Mapping[Pair, KeyBytes]) -> None:
+        check_id(tvd, "tvd")
+        self.tvd = tvd
+        self.period = _check_period(period)
+        self._keys: dict[Pair, bytearray] = {}
+        for i, (pair, key) in enumerate(keys.items()):
+            check_id(pair.lo, f"pair {i} member")
+            check_id(pair.hi, f"pair {i} member")
+            _check_key(key, f"the device key of pair {i}")
+            self._keys[Pair.of(pair.lo, pair.hi)] = bytearray(key)
+
+    def __repr__(self) -> str:
+        return f"<DeviceKeys tvd={self.tvd!r} period={self.period} pairs={len(self._keys)}>"
+
+    @property
+    def pairs(self) -> list[Pair]:
+        return list(self._keys)
+
+    def members(self) -> set[str]:
+        return {m for pair in self._keys for m in pair}
+
+    def peers_of(self, vm: str) -> list[str]:
+        return [pair.other(vm) for pair in self._keys if vm in pair]
+
+    def evolve_to(self, t: int) -> None:
+        """Evolve every dev to period t (U*, SPEC §3), overwriting the old keys."""
+        _check_period(t)
+        if t < self.period:
+            raise NoSuchPeriod(
+                f"device keys are at period {self.period} and cannot go back to {t}", t
+            )
+        for pair, key in self._keys.items():
+            for period in range(self.period, t):
+                key[:] = evolve_device_key(key, self.tvd, pair.lo, pair.hi, period)
+        self.period = t
+
+    def partial(self, a: str, b: str) -> bytes:
+        """The partial key of pair {a, b} for the current period (U*)."""
+        return device_update(self._keys[Pair.of(a, b)], self.tvd, a, b, self.period)
+
+    def partials_for(self, vm: str) -> dict[str, bytes]:
+        """Every partial key of `vm`'s pairs for the current period, by peer id."""
+        return {
+            pair.other(vm): device_update(key, self.tvd, pair.lo, pair.hi, self.period)
+            for pair, key in self._keys.items()
+            if vm in pair
+        }
+
+    def key_bytes(self, pair: Pair) -> bytearray:
+        """The stored dev_t of `pair`, for the keystore writer only."""
+        return self._keys[pair]
+
+    def drop_member(self, vm: str) -> int:
+        """Erase and forget every pair of `vm`; returns how many were dropped."""
+        gone = [pair for pair in self._keys if vm in pair]
+        for pair in gone:
+            _zero(self._keys.pop(pair))
+        return len(gone)
+
+    def erase(self) -> None:
+        for key in self._keys.values():
+            _zero(key)
+        self._keys.clear()
+
+
+class ComputerKeys:
+    """What one VM holds (SPEC §1, §6): the computer master key of each of its pairs."""
+
+    __slots__ = ("_keys", "tvd", "vm")
+
+    def __init__(self, tvd: str, vm: str, keys: Mapping[str, KeyBytes]) -> None:
+        self.tvd = check_id(tvd, "tvd")
+        self.vm = check_id(vm, "vm")
+        self._keys: dict[str, bytearray] = {}
+        for peer, key in keys.items():
+            check_id(peer, "peer id")
+            if peer == vm:
+                raise InvalidId("a VM holds no computer key for a pair with itself")
+            _check_key(key, f"the computer master key for peer {peer!r}")
+            self._keys[peer] = bytearray(key)
+
+    def __repr__(self) -> str:
+        return f"<ComputerKeys tvd={self.tvd!r} vm={self.vm!r} peers={len(self._keys)}>"
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._keys
+
+    def get(self, peer: str) -> bytearray | None:
+        return self._keys.get(peer)
+
+    def erase(self) -> None:
+        for key in self._keys.values():
+            _zero(key)
+        self._keys.clear()
+
+
+class Provisioning:
+    """The output of G: fresh device and computer master keys for every pair of a TVD.
+
+    Split it with `for_bridge()` (device keys only) and `for_vm(vm)` (that VM's computer
+    keys only), then `erase()` it.
+    """
+
+    __slots__ = ("_computer", "_device", "members", "tvd")
+
+    def __init__(
+        self,
+        tvd: str,
+        members: tuple[str, ...],
+        device: dict[Pair, bytearray],
+        computer: dict[Pair, bytearray],
+    ) -> None:
+        self.tvd = tvd
+        self.members = members
+        self._device = device
+        self._computer = computer
+
+    def __repr__(self) -> str:
+        return (
+            f"<Provisioning tvd={self.tvd!r} members={len(self.members)} pairs={len(self._device)}>"
+        )
+
+    @property
+    def pairs(self) -> list[Pair]:
+        return list(self._device)
+
+    def for_bridge(self, period: int = 1) -> DeviceKeys:
+        """The device keys dev_1, evolved to `period` (SPEC §3: store dev_t0)."""
+        keys = DeviceKeys(self.tvd, 1, self._device)
+        keys.evolve_to(period)
+        return keys
+
+    def for_vm(self, vm: str) -> ComputerKeys:
+        if vm not in self.members:
+            raise InvalidId(f"vm {vm!r} is not a member of TVD {self.tvd!r}")
+        return ComputerKeys(
+            self.tvd,
+            vm,
+            {pair.other(vm): key for pair, key in self._computer.items() if vm in pair},
+        )
+
+    def erase(self) -> None:
+        for key in (*self._device.values(), *self._computer.values()):
+            _zero(key)
+        self._device.clear()
+        self._computer.clear()
+
+
+def generate(
+    tvd: str, members: Iterable[str], *, pairs: Iterable[tuple[str, str]] | None = None
+) -> Provisioning:
+    """G: a random device master key dev_1 and computer master key for every pair.
+
+    `pairs` limits the TVD to the listed pairs (a star around one hub, say); by default
+    every two different members form a pair, as in SPEC §1.
+    """
+    check_id(tvd, "tvd")
+    ids = tuple(members)
+    seen: set[str] = set()
+    for i, member in enumerate(ids):
+        check_id(member, f"members[{i}]")
+        if member in seen:
+            raise InvalidId(f"members[{i}]: this id appears twice")
+        seen.add(member)
+    if len(ids) < 2:
+        raise InvalidId(f"a TVD needs at least two members (got {len(ids)})")
+    if pairs is None:
+        chosen = [Pair.of(a, b) for a, b in combinations(ids, 2)]
+    else:
+        chosen = []
+        for i, (a, b) in enumerate(pairs):
+            for member in (a, b):
+                if member not in seen:
+                    raise InvalidId(f"pairs[{i}]: names a VM that is not a member")
+            chosen.append(Pair.of(a, b))
+        if len(set(chosen)) != len(chosen):
+            raise InvalidId("pairs: a pair appears twice")
+    device = {pair: bytearray(secrets.token_bytes(KEY_LEN)) for pair in chosen}
+    computer = {pair: bytearray(secrets.token_bytes(KEY_LEN)) for pair in chosen}
+    return Provisioning(tvd, ids, device, computer)
+
+
+# --------------------------------------------------------------------------- U at a node
+
+
+class UpdateResult(enum.Enum):
+    """What a node did with one partial key (SPEC §5)."""
+
+    APPLIED = "applied"
+    EARLY = "early"  # its period starts later than now + allowance: not applied, not acked
+    STALE = "stale"  # its period ended before now - allowance: acked and ignored
+    OLD = "old"  # not newer than the period held: acked and ignored
+
+
+class KeyStatus(enum.Enum):
+    """Whether a DATA frame of period t may be decrypted (SPEC §4 period rules)."""
+
+    USABLE = "usable"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+
+
+class PeriodKey:
+    """A node's key state for one pair: at most one period key SK_t (SPEC §4, Erasure).
+
+    `period` is the newest period ever applied and survives the key's erasure, so that
+    the period rules keep refusing older frames after the key is gone. `generation`
+    changes whenever the key does, so that holders of derived traffic keys notice.
+    """
+
+    __slots__ = (
+        "_allowance",
+        "_context_ids",
+        "_key",
+        "_schedule",
+        "generation",
+        "period",
+    )
+
+    def __init__(
+        self,
+        tvd: str,
+        me: str,
+        peer: str,
+        schedule: Schedule,
+        allowance: float = SKEW_ALLOWANCE,
+    ) -> None:
+        _context(tvd, me, peer)
+        self._context_ids = (tvd, me, peer)
+        self._schedule = schedule
+        self._allowance = allowance
+        self._key: bytearray | None = None
+        self.period = 0
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        state = "key" if self._key is not None else "no key"
+        return f"<PeriodKey peer={self._context_ids[2]!r} period={self.period} {state}>"
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def classify(self, t: int, now: float) -> UpdateResult | None:
+        """What `apply` would do with a partial of period t now; None means apply it."""
+        if t <= self.period:
+            return UpdateResult.OLD
+        if self._schedule.start(t) - self._allowance > now:
+            return UpdateResult.EARLY
+        if self._schedule.end(t) + self._allowance <= now:
+            return UpdateResult.STALE
+        return None
+
+    def apply(self, t: int, partial: bytearray, comp_key: KeyBytes, now: float) -> UpdateResult:
+        """U: derive SK_t from the partial, replace and zero SK_{t-1}; the partial is zeroed."""
+        try:
+            self._schedule.check(t)
+            verdict = self.classify(t, now)
+            if verdict is not None:
+                return verdict
+            tvd, me, peer = self._context_ids
+            period_key = bytearray(computer_update(partial, comp_key, tvd, me, peer, t))
+            self.erase()
+            self._key = period_key
+            self.period = t
+            return UpdateResult.APPLIED
+        finally:
+            _zero(partial)
+
+    def status(self, t: int, now: float) -> KeyStatus:
+        """SPEC §4 period rules for a received DATA frame of period t."""
+        if self.period == 0 or t > self.period:
+            return KeyStatus.UNKNOWN
+        if t < self.period or self._key is None:
+            return KeyStatus.EXPIRED
+        if now >= self._schedule.end(t) + self._allowance:
+            return KeyStatus.EXPIRED
+        return KeyStatus.USABLE
+
+    def seal_key(self, now: float) -> bytearray | None:
+        """SK of `self.period` if a node may still seal under it now, else None."""
+        if self._key is None or now >= self._schedule.end(self.period) + self._allowance:
+            return None
+        return self._key
+
+    def open_key(self) -> bytearray:
+        """SK of `self.period`, after `status` said USABLE."""
+        if self._key is None:
+            raise LookupError("no period key held")
+        return self._key
+
+    def deadline(self) -> float | None:
+        """When the held key must be erased if no update replaces it."""
+        if self._key is None:
+            return None
+        return self._schedule.end(self.period) + self._allowance
+
+    def expire(self, now: float) -> bool:
+        """Erase the key if its period plus the allowance has ended; True if it did."""
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return False
+        self.erase()
+        return True
+
+    def erase(self) -> None:
+        """Zero and drop the key, keeping the period number (SPEC §4 Erasure)."""
+        if self._key is not None:
+            _zero(self._key)
+            self._key = None
+            self.generation += 1
+
+    def forget(self) -> None:
+        """Erase the key and the period number: a removed peer starts afresh (SPEC §5)."""
+        self.erase()
+        self.period = 0
+        self.generation += 1
