@@ -124,9 +124,7 @@ def connection(session: Session, conn_id: int) -> _Connection:
     return session._conns[conn_id]
 
 
-def open_frame_as(
-    receiver: Session, conn_id: int, frame: list[Any]
-) -> list[Any]:
+def open_frame_as(receiver: Session, conn_id: int, frame: list[Any]) -> list[Any]:
     """Decrypt a DATA frame sent to `receiver` on `conn_id`, the way receiver would."""
     conn = connection(receiver, conn_id)
     assert conn.peer is not None

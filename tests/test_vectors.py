@@ -81,8 +81,9 @@ def test_session(v: dict[str, Any]) -> None:
         dev = evolve_device_key(dev, tvd, ini, res, period)
     assert dev.hex() == v["dev_t"]
     partial = device_update(dev, tvd, ini, res, t)
-    assert computer_update(partial, bytes.fromhex(v["comp_key"]), tvd, ini, res, t).hex() == (
-        v["period_key"]
+    assert (
+        computer_update(partial, bytes.fromhex(v["comp_key"]), tvd, ini, res, t).hex()
+        == (v["period_key"])
     )
 
     # Both HELLOs, from the Session class itself.
@@ -124,9 +125,13 @@ def test_session(v: dict[str, Any]) -> None:
 
     # Frames numbered 0 are what a fresh connection reads next: the Session opens them.
     if v["data_initiator_to_responder"]["n"] == 0:
-        responder.receive_data(conn_r, bytes.fromhex(v["data_initiator_to_responder"]["frame"]), now)
+        responder.receive_data(
+            conn_r, bytes.fromhex(v["data_initiator_to_responder"]["frame"]), now
+        )
         received = [e for e in events(responder) if isinstance(e, MessageReceived)]
         assert received == [MessageReceived(ini, t, {"text": f"hello, {res}", "n": 1})]
-        initiator.receive_data(conn_i, bytes.fromhex(v["data_responder_to_initiator"]["frame"]), now)
+        initiator.receive_data(
+            conn_i, bytes.fromhex(v["data_responder_to_initiator"]["frame"]), now
+        )
         received = [e for e in events(initiator) if isinstance(e, MessageReceived)]
         assert received == [MessageReceived(res, t, f"hi {ini}")]

@@ -29,12 +29,13 @@ class MsgpackReader:
     remaining bytes would have been, and memory stays bounded.
     """
 
-    __slots__ = ("_fed", "_limit", "_unpacker")
+    __slots__ = ("_fed", "_limit", "_start", "_unpacker")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._unpacker: msgpack.Unpacker
         self._fed = 0
+        self._start = 0
         self.reset()
 
     def reset(self) -> None:
@@ -43,11 +44,13 @@ class MsgpackReader:
             raw=False, strict_map_key=True, use_list=True, max_buffer_size=self._limit + 1
         )
         self._fed = 0
+        self._start = 0  # stream offset where the current, incomplete object began
 
     @property
     def buffered(self) -> int:
         """Bytes received that do not yet form a whole object."""
-        return self._fed - self._unpacker.tell()
+        # Not fed - tell(): msgpack's tell() moves into an incomplete object as it parses.
+        return self._fed - self._start
 
     def feed(self, data: bytes) -> Iterator[object]:
         """Yield every object completed by `data`; raise StreamDecodeError at the first bad one."""
@@ -59,7 +62,6 @@ class MsgpackReader:
             piece, view = view[:room], view[room:]
             unpacker.feed(piece)
             self._fed += len(piece)
-            start = unpacker.tell()
             while True:
                 try:
                     obj = unpacker.unpack()
@@ -70,11 +72,10 @@ class MsgpackReader:
                         False, f"undecodable msgpack ({type(exc).__name__})"
                     ) from None
                 end = unpacker.tell()
-                if end - start > limit:
-                    raise StreamDecodeError(
-                        True, f"{end - start} bytes, over the {limit}-byte limit"
-                    )
-                start = end
+                size = end - self._start
+                self._start = end
+                if size > limit:
+                    raise StreamDecodeError(True, f"{size} bytes, over the {limit}-byte limit")
                 yield obj
             if self.buffered > limit:
                 raise StreamDecodeError(True, f"more than the {limit}-byte limit")
