@@ -13,6 +13,7 @@ from helpers import Link, Tvd, events, mid
 from tvdnet import MessageReceived, Session, channel
 from tvdnet import _frames as frames
 from tvdnet._errors import ChannelError, FrameError
+from tvdnet._stream import StreamDecodeError
 
 # Any msgpack value that msgpack-python gives back equal: no NaN (NaN != NaN), map keys
 # of the hashable kinds, and ints within 64 bits.
@@ -120,10 +121,12 @@ def _refuse_without_decryption(t: int) -> None:
 @quick
 @given(blob=st.binary(max_size=300))
 def test_random_bytes_into_the_frame_reader_raise_only_frame_errors(blob: bytes) -> None:
-    reader = frames.FrameReader()
+    reader = frames.new_reader()
     try:
         for obj in reader.feed(blob):
             frames.parse_frame(obj)
+    except StreamDecodeError as exc:
+        assert frames.stream_error(exc).reason in {"bad-frame", "too-large"}
     except FrameError:
         pass
 

@@ -14,8 +14,8 @@ from tvdnet import (
     ConnectionState,
     Dial,
     KeyErased,
-    MessageAcknowledged,
     MessageReceived,
+    MessagesAcknowledged,
     MessageTooLarge,
     PeerRestarted,
     Refused,
@@ -71,8 +71,8 @@ def test_handshake_then_messages_both_ways(tvd: Tvd) -> None:
     eva, evb = events(a), events(b)
     assert received(b, evb) == [("vm-a", 1, {"x": 1})]
     assert received(a, eva) == [("vm-b", 1, "pong")]
-    assert MessageAcknowledged("vm-b", ha) in eva
-    assert MessageAcknowledged("vm-a", hb) in evb
+    assert MessagesAcknowledged("vm-b", [ha]) in eva
+    assert MessagesAcknowledged("vm-a", [hb]) in evb
     assert a.unacknowledged("vm-b") == 0
 
 
@@ -621,7 +621,7 @@ def test_keys_end_without_an_update_and_the_node_then_neither_sends_nor_accepts(
     tvd.update_all(3, now)
     link.pump(now)
     assert received(b) == [("vm-a", 3, "queued while cut off")]
-    assert MessageAcknowledged("vm-b", handle) in events(a)
+    assert MessagesAcknowledged("vm-b", [handle]) in events(a)
 
 
 def test_members_message_forgets_a_removed_peer(tvd: Tvd) -> None:

@@ -1,4 +1,8 @@
-"""What the sans-I/O `Session` tells the layer that drives it (h11 style: small, immutable)."""
+"""What the sans-I/O `Session` tells the layer that drives it (h11 style: small records).
+
+Treat them as immutable. They are plain slotted dataclasses, not frozen ones, because a
+busy node creates one per message and a frozen dataclass costs three times as much.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageReceived:
     """A message from `sender`, delivered in order and exactly once, under period `period`."""
 
@@ -15,15 +19,15 @@ class MessageReceived:
     body: Any
 
 
-@dataclass(frozen=True, slots=True)
-class MessageAcknowledged:
-    """The peer acknowledged the message that `Session.send` returned `handle` for."""
+@dataclass(slots=True)
+class MessagesAcknowledged:
+    """The peer acknowledged the messages that `Session.send` returned these handles for."""
 
     peer: str
-    handle: int
+    handles: list[int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendFailed:
     """The message `handle` will never be delivered (its peer left the TVD)."""
 
@@ -32,14 +36,14 @@ class SendFailed:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dial:
     """The session wants a connection to `peer`: dial it, then call `connect` or `dial_failed`."""
 
     peer: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionAuthenticated:
     """The peer's first DATA frame on `conn` authenticated; `active` is the kept connection."""
 
@@ -48,14 +52,14 @@ class ConnectionAuthenticated:
     active: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerRestarted:
     """An authenticated connection showed a new instance of `peer` (SPEC §4 Delivery)."""
 
     peer: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refused:
     """Input refused on `conn`: a REJECT sent, a CLOSE sent, or an authentication failure."""
 
@@ -65,7 +69,7 @@ class Refused:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KeyErased:
     """The period key of `peer` for `period` ended (plus the allowance) and was erased."""
 
@@ -75,7 +79,7 @@ class KeyErased:
 
 Event = (
     MessageReceived
-    | MessageAcknowledged
+    | MessagesAcknowledged
     | SendFailed
     | Dial
     | ConnectionAuthenticated

@@ -6,7 +6,6 @@ stream into msgpack objects and enforces the frame size limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,7 +40,7 @@ _TRAFFIC_LABEL: Final = b"tvdnet.v1.traffic"
 _NONCE_PREFIX: Final = bytes(4)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     tvd: str
     sender: str
@@ -50,14 +49,14 @@ class Hello:
     instance: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data:
     t: int
     n: int
     ciphertext: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reject:
     t: int
     n: int
@@ -65,7 +64,7 @@ class Reject:
     current_t: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     reason: str
 
@@ -124,13 +123,19 @@ def new_aead(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def seal_data(
-    aead: AESGCM, t: int, n: int, plaintext: bytes, packer: msgpack.Packer | None = None
-) -> bytes:
+def seal_data(aead: AESGCM, t: int, n: int, plaintext: bytes) -> bytes:
     """One DATA frame [1, t, n, ciphertext]; associated data msgpack([1, t, n])."""
-    pack = packer.pack if packer is not None else msgpack.packb
-    ciphertext = aead.encrypt(data_nonce(n), plaintext, pack([DATA, t, n]))
-    return pack([DATA, t, n, ciphertext])
+    out = bytearray()
+    seal_data_into(out, aead, t, n, plaintext, msgpack.Packer())
+    return bytes(out)
+
+
+def seal_data_into(
+    out: bytearray, aead: AESGCM, t: int, n: int, plaintext: bytes, packer: msgpack.Packer
+) -> None:
+    """Append the DATA frame of `plaintext` to `out`."""
+    ciphertext = aead.encrypt(data_nonce(n), plaintext, packer.pack([DATA, t, n]))
+    out += packer.pack([DATA, t, n, ciphertext])
 
 
 def open_data(
@@ -199,21 +204,11 @@ def _parse_hello(obj: list[object]) -> Hello:
     return Hello(tvd, sender, receiver, nonce, instance)
 
 
-class FrameReader:
-    """Splits a peer connection's byte stream into frames, each at most FRAME_LIMIT bytes."""
+def new_reader() -> MsgpackReader:
+    """A reader for a peer connection's byte stream: frames of at most FRAME_LIMIT bytes."""
+    return MsgpackReader(FRAME_LIMIT)
 
-    __slots__ = ("_reader",)
 
-    def __init__(self) -> None:
-        self._reader = MsgpackReader(FRAME_LIMIT)
-
-    @property
-    def buffered(self) -> int:
-        return self._reader.buffered
-
-    def feed(self, data: bytes) -> Iterator[object]:
-        """Yield every frame completed by `data`; raise FrameError (CLOSE reason) at a bad one."""
-        try:
-            yield from self._reader.feed(data)
-        except StreamDecodeError as exc:
-            raise FrameError(TOO_LARGE if exc.too_large else BAD_FRAME, exc.detail) from None
+def stream_error(exc: StreamDecodeError) -> FrameError:
+    """The CLOSE reason for what the stream reader refused."""
+    return FrameError(TOO_LARGE if exc.too_large else BAD_FRAME, exc.detail)

@@ -58,13 +58,13 @@ from ._events import (
     Dial,
     Event,
     KeyErased,
-    MessageAcknowledged,
     MessageReceived,
+    MessagesAcknowledged,
     PeerRestarted,
     Refused,
     SendFailed,
 )
-from ._stream import UNPACK_ERRORS
+from ._stream import UNPACK_ERRORS, StreamDecodeError
 from ._timers import Timers
 from .scheme import ComputerKeys, KeyStatus, PeriodKey, Schedule, UpdateResult
 
@@ -85,11 +85,11 @@ class ConnectionState(enum.Enum):
 class _OutMessage:
     __slots__ = ("body", "handle", "packed", "seq")
 
-    def __init__(self, handle: int, seq: int, body: bytes) -> None:
+    def __init__(self, handle: int, seq: int, body: bytes, packed: bytes) -> None:
         self.handle = handle
-        self.body = body  # the packed body
         self.seq = seq
-        self.packed = _MSG_HEADER + msgpack.packb(seq) + body  # [0, seq, body]
+        self.body = body  # the packed body
+        self.packed = packed  # the packed inner message [0, seq, body]
 
 
 class _Connection:
@@ -126,7 +126,7 @@ class _Connection:
         self.send_n = 0  # SPEC §4: counts DATA frames per direction, across periods
         self.recv_n = 0
         self.authenticated = False  # the peer's first DATA frame here has authenticated
-        self.reader = frames.FrameReader()
+        self.reader = frames.new_reader()
         self.out = bytearray()
         # Cached (key generation, AESGCM) per direction; dropped when the period key changes.
         self.send_aead: tuple[int, AESGCM] | None = None
@@ -334,7 +334,7 @@ class Session:
     # ------------------------------------------------------------------ application side
 
     def send(self, peer_id: str, body: Any, now: float) -> int:
-        """Queue `body` for `peer_id`; returns the handle that MessageAcknowledged will name."""
+        """Queue `body` for `peer_id`; returns the handle that MessagesAcknowledged will name."""
         peer = self._peers.get(peer_id)
         if peer is None:
             why = (
@@ -343,17 +343,17 @@ class Session:
                 else "no computer key for this peer"
             )
             raise UnknownPeer(peer_id, why)
+        if len(peer.queue) >= self._window_messages or peer.queued_bytes >= self._window_bytes:
+            raise WindowFull(f"{len(peer.queue)} messages to {peer_id!r} await acknowledgement")
         try:
             body_packed = self._packer.pack(body)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializableBody(f"msgpack cannot encode the body: {exc}") from None
-        message = _OutMessage(next(self._handles), peer.next_seq, body_packed)
+        message = self._message(next(self._handles), peer.next_seq, body_packed)
         if len(message.packed) > MESSAGE_LIMIT:
             raise MessageTooLarge(
                 f"the packed message is {len(message.packed)} bytes; the limit is {MESSAGE_LIMIT}"
             )
-        if not self.window_open(peer_id):
-            raise WindowFull(f"{len(peer.queue)} messages to {peer_id!r} await acknowledgement")
         peer.next_seq += 1
         peer.queue.append(message)
         peer.queued_bytes += len(message.packed)
@@ -363,6 +363,9 @@ class Session:
         else:
             self._maybe_dial(peer, now)
         return message.handle
+
+    def _message(self, handle: int, seq: int, body: bytes) -> _OutMessage:
+        return _OutMessage(handle, seq, body, _MSG_HEADER + self._packer.pack(seq) + body)
 
     def window_open(self, peer_id: str) -> bool:
         """Whether `send` to this peer would be accepted now (the send window has room)."""
@@ -462,6 +465,9 @@ class Session:
                     break
         except FrameError as exc:
             self._close(conn, exc.reason, exc.detail, now)
+        except StreamDecodeError as exc:
+            error = frames.stream_error(exc)
+            self._close(conn, error.reason, error.detail, now)
 
     def _on_frame(self, conn: _Connection, obj: object, now: float) -> None:
         frame = frames.parse_frame(obj)
@@ -594,10 +600,12 @@ class Session:
             self.stats["protocol_errors"] += 1  # ACK of a number never sent: ignore it
             return
         queue = peer.queue
+        handles = []
         while queue and queue[0].seq <= seq:
             message = queue.popleft()
             peer.queued_bytes -= len(message.packed)
-            self._events.append(MessageAcknowledged(peer.id, message.handle))
+            handles.append(message.handle)
+        self._events.append(MessagesAcknowledged(peer.id, handles))
         self.stats["acknowledged"] += seq - peer.acked
         peer.acked = seq
         peer.resend_backoff = RESEND_INITIAL
@@ -642,7 +650,7 @@ class Session:
                 self._abort(other)
         peer.active = None
         peer.queue = deque(
-            _OutMessage(message.handle, seq, message.body)
+            self._message(message.handle, seq, message.body)
             for seq, message in enumerate(peer.queue, start=1)
         )
         peer.queued_bytes = sum(len(message.packed) for message in peer.queue)
@@ -669,17 +677,18 @@ class Session:
 
     # ------------------------------------------------------------------ bytes out
 
-    def data_to_send(self, conn_id: int, now: float) -> bytes:
-        """Everything to write on `conn_id` now; queued messages are sealed here, coalesced."""
+    def data_to_send(self, conn_id: int, now: float) -> bytearray:
+        """Everything to write on `conn_id` now (a buffer the caller keeps).
+
+        Queued messages are sealed here, as few frames as fit: what piles up while the
+        caller is busy writing goes out coalesced.
+        """
         conn = self._conns.get(conn_id)
         if conn is None:
-            return b""
+            return bytearray()
         if conn.state is ConnectionState.OPEN:
             self._seal_pending(conn, now)
-        if not conn.out:
-            return b""
-        data = bytes(conn.out)
-        conn.out.clear()
+        data, conn.out = conn.out, bytearray()
         return data
 
     def _seal_pending(self, conn: _Connection, now: float) -> None:
@@ -722,7 +731,7 @@ class Session:
         plaintext = self._packer.pack_array_header(len(items)) + b"".join(items)
         n = conn.send_n
         conn.send_n = n + 1  # SPEC §4: never reused, whatever becomes of the frame
-        conn.out += frames.seal_data(aead, t, n, plaintext, self._packer)
+        frames.seal_data_into(conn.out, aead, t, n, plaintext, self._packer)
         self.stats["frames_sent"] += 1
 
     def _send_aead(self, conn: _Connection, peer: _Peer) -> AESGCM:
