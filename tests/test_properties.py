@@ -6,7 +6,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import Link, Tvd, events, mid
@@ -34,7 +34,7 @@ bodies = st.recursive(
     max_leaves=10,
 )
 
-quick = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+quick = settings(max_examples=100)
 
 
 def _pair() -> tuple[Session, Session, Link]:
