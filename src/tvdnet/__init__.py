@@ -4,10 +4,12 @@ The guest side (the paper's "computer"). Public API:
 
 - `tvdnet.scheme`: the key-insulated scheme (G, U*, U) and the period schedule.
 - `tvdnet.channel`: the bridge <-> node key-channel messages (SPEC §5).
+- `tvdnet.keyfile`: the computer-key file of a VM (SPEC §6).
 - `Session` and its events: the sans-I/O peer protocol (SPEC §4).
 """
 
-from . import channel, scheme
+from . import channel, keyfile, scheme
+from ._clock import WallClock
 from ._constants import FRAME_LIMIT, MESSAGE_LIMIT, PROTOCOL_VERSION, SKEW_ALLOWANCE
 from ._errors import (
     ChannelError,
@@ -63,7 +65,9 @@ __all__ = [
     "TvdnetError",
     "UnknownPeer",
     "UnserializableBody",
+    "WallClock",
     "WindowFull",
     "channel",
+    "keyfile",
     "scheme",
 ]
