@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import Link, Tvd, mid
-from tvdnet import MessageReceived
+from tvdnet import Message
 
 SIZES = {"64 B": 64, "1 KiB": 1024, "64 KiB": 65536}
 BATCH = 64
@@ -74,7 +74,7 @@ def session_pair(size: int, batch: int) -> Callable[[], int]:
         got = 0
         next_event = session.next_event  # type: ignore[attr-defined]
         while (event := next_event()) is not None:
-            if type(event) is MessageReceived:
+            if type(event) is Message:
                 got += 1
         return got
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import Link, Tvd, events, mid
-from tvdnet import MessageReceived, Session, channel
+from tvdnet import Message, Session, channel
 from tvdnet import _frames as frames
 from tvdnet._errors import ChannelError, FrameError
 from tvdnet._stream import StreamDecodeError
@@ -57,7 +57,7 @@ def test_any_msgpack_body_round_trips(body: Any) -> None:
     a, b, link = PAIR
     a.send("vm-b", body, mid(1))
     link.pump(mid(1))
-    got = [e for e in events(b) if isinstance(e, MessageReceived)]
+    got = [e for e in events(b) if isinstance(e, Message)]
     assert len(got) == 1
     assert got[0].body == body
     assert type(got[0].body) is type(body)
@@ -74,7 +74,7 @@ def test_any_one_bit_change_of_a_data_frame_is_refused(data: st.DataObject) -> N
     tampered = bytearray(frame)
     tampered[bit // 8] ^= 1 << (bit % 8)
     b.receive_data(link.conn_b, bytes(tampered), mid(1))
-    assert not [e for e in events(b) if isinstance(e, MessageReceived)]
+    assert not [e for e in events(b) if isinstance(e, Message)]
     # Refused one way or another: closed, rejected, or still waiting for more bytes.
     out = b.data_to_send(link.conn_b, mid(1))
     assert b.is_finished(link.conn_b) or out.startswith(b"\x95\x02") or out == b""

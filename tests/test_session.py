@@ -14,7 +14,7 @@ from tvdnet import (
     ConnectionState,
     Dial,
     KeyErased,
-    MessageReceived,
+    Message,
     MessagesAcknowledged,
     MessageTooLarge,
     PeerRestarted,
@@ -32,7 +32,7 @@ from tvdnet.scheme import Schedule
 
 def received(session: Session, evs: list[Any] | None = None) -> list[tuple[str, int, Any]]:
     evs = events(session) if evs is None else evs
-    return [(e.sender, e.period, e.body) for e in evs if isinstance(e, MessageReceived)]
+    return [(e.sender, e.period, e.body) for e in evs if isinstance(e, Message)]
 
 
 def refusals(evs: list[Any]) -> list[str]:

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from helpers import SHARED_SPEC, VECTORS_PATH, events, load_vectors
-from tvdnet import MessageReceived, Session
+from tvdnet import Message, Session
 from tvdnet import _frames as frames
 from tvdnet.scheme import (
     ComputerKeys,
@@ -128,10 +128,10 @@ def test_session(v: dict[str, Any]) -> None:
         responder.receive_data(
             conn_r, bytes.fromhex(v["data_initiator_to_responder"]["frame"]), now
         )
-        received = [e for e in events(responder) if isinstance(e, MessageReceived)]
-        assert received == [MessageReceived(ini, t, {"text": f"hello, {res}", "n": 1})]
+        received = [e for e in events(responder) if isinstance(e, Message)]
+        assert received == [Message(ini, t, {"text": f"hello, {res}", "n": 1})]
         initiator.receive_data(
             conn_i, bytes.fromhex(v["data_responder_to_initiator"]["frame"]), now
         )
-        received = [e for e in events(initiator) if isinstance(e, MessageReceived)]
-        assert received == [MessageReceived(res, t, f"hi {ini}")]
+        received = [e for e in events(initiator) if isinstance(e, Message)]
+        assert received == [Message(res, t, f"hi {ini}")]

@@ -105,7 +105,7 @@ class VmChannel:
         self.state = ChannelState.DISCONNECTED
         self._resend_at = math.inf
 
-    def receive_data(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes | bytearray, now: float) -> None:
         if self.state is ChannelState.DISCONNECTED:
             return
         try:

@@ -120,7 +120,7 @@ class KeyAgent:
             self.state = AgentState.DISCONNECTED
         self._hello_at = now + CHANNEL_HELLO_RETRY
 
-    def receive_data(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes | bytearray, now: float) -> None:
         try:
             for message in self._reader.feed(data):
                 self._on_message(message, now)

@@ -11,7 +11,7 @@ from typing import Any
 
 
 @dataclass(slots=True)
-class MessageReceived:
+class Message:
     """A message from `sender`, delivered in order and exactly once, under period `period`."""
 
     sender: str
@@ -78,7 +78,7 @@ class KeyErased:
 
 
 Event = (
-    MessageReceived
+    Message
     | MessagesAcknowledged
     | SendFailed
     | Dial

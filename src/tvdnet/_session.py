@@ -58,7 +58,7 @@ from ._events import (
     Dial,
     Event,
     KeyErased,
-    MessageReceived,
+    Message,
     MessagesAcknowledged,
     PeerRestarted,
     Refused,
@@ -442,6 +442,14 @@ class Session:
                 self._detach(conn, now)
             self._forget_connection(conn)
 
+    def unauthenticated_connections(self) -> int:
+        """Open connections whose peer has not yet authenticated (a node caps these)."""
+        return sum(
+            1
+            for conn in self._conns.values()
+            if not conn.authenticated and conn.state is not ConnectionState.CLOSED
+        )
+
     def ready_connections(self) -> set[int]:
         """Connections that have bytes to send since the last call (and forget them)."""
         ready, self._ready = self._ready, set()
@@ -449,7 +457,7 @@ class Session:
 
     # ------------------------------------------------------------------ bytes in
 
-    def receive_data(self, conn_id: int, data: bytes, now: float) -> None:
+    def receive_data(self, conn_id: int, data: bytes | bytearray, now: float) -> None:
         """Bytes received on `conn_id`; b"" means the peer closed its side."""
         conn = self._conns.get(conn_id)
         if conn is None or conn.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
@@ -576,7 +584,7 @@ class Session:
                 if seq == peer.delivered + 1:
                     peer.delivered = seq
                     self.stats["delivered"] += 1
-                    self._events.append(MessageReceived(peer.id, t, body))
+                    self._events.append(Message(peer.id, t, body))
                 elif seq <= peer.delivered:
                     self.stats["duplicates"] += 1
                 # else: a gap (an earlier frame was refused); the sender re-sends in order.

@@ -52,7 +52,7 @@ class MsgpackReader:
         # Not fed - tell(): msgpack's tell() moves into an incomplete object as it parses.
         return self._fed - self._start
 
-    def feed(self, data: bytes) -> Iterator[object]:
+    def feed(self, data: bytes | bytearray) -> Iterator[object]:
         """Yield every object completed by `data`; raise StreamDecodeError at the first bad one."""
         unpacker = self._unpacker
         limit = self._limit

@@ -48,13 +48,16 @@ ERROR_REASONS: Final = frozenset({WRONG_VM, EARLY, SCHEDULE, BAD_MESSAGE, VERSIO
 _U64_LIMIT: Final = 1 << 64
 
 
-def parse_address(addr: str) -> tuple[str, int]:
-    """Split "host:port" or "[v6]:port"; ValueError says what is wrong."""
+def parse_address(addr: str, *, any_port: bool = False) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port"; ValueError says what is wrong.
+
+    `any_port` admits port 0 (a listener that takes whatever port is free).
+    """
     host, sep, port_text = addr.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError("an address must be host:port")
     port = int(port_text)
-    if not 1 <= port <= 65535:
+    if not (0 if any_port else 1) <= port <= 65535:
         raise ValueError("a port must be 1..65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -317,7 +320,7 @@ class ChannelReader:
         """Discard a partly read message (SPEC §5: on EOF, HUP, EIO or undecodable input)."""
         self._reader.reset()
 
-    def feed(self, data: bytes) -> Iterator[ChannelMessage]:
+    def feed(self, data: bytes | bytearray) -> Iterator[ChannelMessage]:
         """Yield every message completed by `data`; raise ChannelError at the first bad one.
 
         After a ChannelError the reader has been reset: what followed is discarded.

@@ -1,0 +1,543 @@
+"""The trio node: a key agent, a listener and one pair of tasks per connection.
+
+All protocol decisions are made by the sans-I/O `Session` (peers, SPEC §4) and
+`KeyAgent` (key channel, SPEC §5). This module only moves bytes and time between them
+and the outside world:
+
+- `_after()` runs after every call into the session: it hands events on (messages to
+  the inbox, acknowledgements to waiting `send()`s, dial requests to dial tasks),
+  wakes the writers of connections with output, and moves the timer task's deadline.
+- per connection: a reader (bytes -> `Session.receive_data`) and a writer
+  (`Session.data_to_send` -> bytes, with a write timeout), in the node's nursery.
+- the key channel: `_keychannel.run_key_channel` opens it, says hello, and reopens it
+  after EOF, HUP or EIO, once a second at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import _events as ev
+from ._agent import (
+    AgentState,
+    BridgeSaid,
+    ChannelRefused,
+    KeyAgent,
+    KeysUpdated,
+    ScheduleMismatch,
+    Welcomed,
+)
+from ._clock import WallClock
+from ._config import NodeConfig
+from ._errors import TvdnetError, UnknownPeer
+from ._keychannel import run_key_channel
+from ._logs import RateLimitedLog
+from ._session import Session
+from .channel import parse_address
+from .keyfile import load_computer_keys
+
+__all__ = ["BroadcastFailed", "Node", "SendFailedError", "SendTimeout", "open_node"]
+
+logger = logging.getLogger("tvdnet.node")
+
+_READ_SIZE = 65536
+_WRITE_TIMEOUT = 10.0  # a peer that takes longer to accept our bytes is dropped
+_DIAL_TIMEOUT = 5.0
+
+
+class SendTimeout(TvdnetError):
+    """The peer did not acknowledge in time. The message stays queued and is still
+    delivered at most once if the peer comes back; it is never lost silently."""
+
+    def __init__(self, peer: str, timeout: float) -> None:
+        super().__init__(f"peer {peer!r} did not acknowledge within {timeout:g} s")
+        self.peer = peer
+        self.timeout = timeout
+
+
+class SendFailedError(TvdnetError):
+    """The message can never be delivered (the peer left the TVD)."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"peer {peer!r}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class BroadcastFailed(TvdnetError):
+    """Some peers did not acknowledge a broadcast; `failures` maps each to its error."""
+
+    def __init__(self, failures: dict[str, Exception]) -> None:
+        names = ", ".join(sorted(failures))
+        super().__init__(f"{len(failures)} peer(s) did not acknowledge: {names}")
+        self.failures = failures
+
+
+@dataclass(slots=True)
+class _Waiter:
+    event: trio.Event
+    error: Exception | None = None
+
+
+class _Wakeup:
+    """A level-triggered wake-up for one writer task."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+class Node:
+    """A TVD member: send to and receive from the other members under period keys.
+
+    Create it with `open_node(config)`. See the README for the API.
+    """
+
+    def __init__(self, config: NodeConfig, session: Session, agent: KeyAgent, clock: WallClock):
+        self.config = config
+        self._session = session
+        self._agent = agent
+        self._clock = clock
+        self._nursery: trio.Nursery | None = None
+        self._writers: dict[int, _Wakeup] = {}
+        self._streams: dict[int, trio.abc.Stream] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._window_waiters: dict[str, trio.Event] = {}
+        self._inbox: deque[ev.Message] = deque()
+        self._inbox_ready = trio.Event()
+        self._inbox_space = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
+        self._agent_wakeup = _Wakeup()
+        self._stats: Counter[str] = Counter()
+        self._log = RateLimitedLog(logger)
+        self._cut_off = False
+        self._keys_erased = False
+        self._last_erased = 0
+        self.listen_port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Node vm={self.vm!r} peers={len(self._session.peers)} period={self.period}>"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def vm(self) -> str:
+        return self._session.me
+
+    @property
+    def tvd(self) -> str:
+        return self._session.tvd
+
+    @property
+    def peers(self) -> list[str]:
+        """Members this node can talk to (it holds a computer key for each)."""
+        return self._session.peers
+
+    @property
+    def period(self) -> int | None:
+        """The newest period this node holds a usable key for, or None when it holds none."""
+        now = self._clock.now()
+        held = [
+            key.period
+            for key in (self._session.key_state(p) for p in self._session.peers)
+            if key.seal_key(now) is not None
+        ]
+        return max(held, default=None)
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """Counters: sent, delivered, resends, rejected_expired, rejected_unknown,
+        auth_failures, protocol_errors, duplicates, connections, ... (a snapshot)."""
+        merged = Counter(self._session.stats)
+        merged.update(self._stats)
+        return dict(merged)
+
+    async def send(self, peer: str, body: Any, *, timeout: float | None = None) -> None:
+        """Send `body` to `peer` and return once the peer acknowledged it.
+
+        Raises UnknownPeer (not a member, or no key for it), MessageTooLarge,
+        UnserializableBody, SendTimeout (no ACK within `timeout`, default the config's
+        send_timeout; the message stays queued) or SendFailedError (the peer left).
+        """
+        limit = self.config.send_timeout if timeout is None else timeout
+        handle: int | None = None
+        waiter = _Waiter(trio.Event())
+        try:
+            with trio.fail_after(limit):
+                while not self._session.window_open(peer):
+                    await self._window_waiters.setdefault(peer, trio.Event()).wait()
+                handle = self._session.send(peer, body, self._clock.now())
+                self._waiters[handle] = waiter
+                self._after()
+                await waiter.event.wait()
+        except trio.TooSlowError:
+            raise SendTimeout(peer, limit) from None
+        finally:
+            if handle is not None:
+                self._waiters.pop(handle, None)
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def broadcast(self, body: Any, *, timeout: float | None = None) -> None:
+        """Send `body` to every peer at once; raises BroadcastFailed naming who did not ACK."""
+        failures: dict[str, Exception] = {}
+
+        async def one(peer: str) -> None:
+            try:
+                await self.send(peer, body, timeout=timeout)
+            except TvdnetError as exc:
+                failures[peer] = exc
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                nursery.start_soon(one, peer)
+        if failures:
+            raise BroadcastFailed(failures)
+
+    async def receive(self) -> ev.Message:
+        """The next message from any peer (in order and exactly once per peer)."""
+        while not self._inbox:
+            await self._inbox_ready.wait()
+        message = self._inbox.popleft()
+        if not self._inbox:
+            self._inbox_ready = trio.Event()
+        self._inbox_space.set()
+        return message
+
+    def __aiter__(self) -> Node:
+        return self
+
+    async def __anext__(self) -> ev.Message:
+        return await self.receive()
+
+    def status(self) -> dict[str, Any]:
+        """What the status socket answers: no key material, only states and counters."""
+        session = self._session
+        return {
+            "vm": self.vm,
+            "tvd": self.tvd,
+            "period": self.period,
+            "schedule_period": self._schedule_period(),
+            "key_channel": self._agent.state.value,
+            "cut_off": self._cut_off,
+            "schedule_mismatch": self._agent.state is AgentState.REFUSED,
+            "listen": self.config.listen,
+            "peers": {peer: session.peer_status(peer) for peer in session.peers},
+            "stats": self.stats,
+        }
+
+    def _schedule_period(self) -> int | None:
+        try:
+            return self._agent.schedule.period_at(self._clock.now())
+        except TvdnetError:
+            return None
+
+    # ------------------------------------------------------------------ driving the session
+
+    def _after(self) -> None:
+        """After any call into the session: dispatch its events and wake who must act."""
+        session = self._session
+        while (event := session.next_event()) is not None:
+            self._dispatch(event)
+        for conn in session.ready_connections():
+            writer = self._writers.get(conn)
+            if writer is not None:
+                writer.set()
+        if self._keys_erased:
+            self._keys_erased = False
+            self._check_cut_off()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        scope = self._timer_scope
+        if scope is not None:
+            deadline = min(self._session.next_deadline(), self._agent.next_deadline())
+            scope.deadline = min(scope.deadline, self._clock.trio_time(deadline))
+
+    def _dispatch(self, event: ev.Event) -> None:
+        if type(event) is ev.Message:
+            self._inbox.append(event)
+            self._inbox_ready.set()
+        elif type(event) is ev.MessagesAcknowledged:
+            for handle in event.handles:
+                waiter = self._waiters.get(handle)
+                if waiter is not None:
+                    waiter.event.set()
+            window = self._window_waiters.pop(event.peer, None)
+            if window is not None:
+                window.set()
+        elif type(event) is ev.Dial:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._dial, event.peer)
+        elif type(event) is ev.SendFailed:
+            waiter = self._waiters.get(event.handle)
+            if waiter is not None:
+                waiter.error = SendFailedError(event.peer, event.reason)
+                waiter.event.set()
+        elif type(event) is ev.Refused:
+            self._log.warning(
+                f"refused:{event.cause}",
+                "refused cause=%s peer=%s detail=%s",
+                event.cause,
+                event.peer or "-",
+                event.detail,
+            )
+        elif type(event) is ev.KeyErased:
+            self._keys_erased = True
+            self._last_erased = event.period
+        elif type(event) is ev.PeerRestarted:
+            logger.info("event=peer-restarted peer=%s", event.peer)
+        elif type(event) is ev.ConnectionAuthenticated:
+            logger.debug(
+                "event=authenticated peer=%s conn=%d kept=%s", event.peer, event.conn, event.active
+            )
+
+    def _check_cut_off(self) -> None:
+        if self.period is None and not self._cut_off:
+            self._cut_off = True
+            logger.warning(
+                "event=cut-off period=%d: period keys ended without an update from the "
+                "bridge; refusing traffic until new keys arrive",
+                self._last_erased,
+            )
+
+    def _after_agent(self) -> None:
+        agent = self._agent
+        while (event := agent.next_event()) is not None:
+            if isinstance(event, KeysUpdated):
+                if self._cut_off and self.period is not None:
+                    self._cut_off = False
+                    logger.warning("event=keys-restored period=%d", event.t)
+                self._stats["key_updates"] += 1
+                if event.missing:
+                    self._log.warning(
+                        "missing-keys",
+                        "event=missing-keys t=%d peers=%s",
+                        event.t,
+                        ",".join(event.missing),
+                    )
+            elif isinstance(event, Welcomed):
+                logger.info("event=welcomed members=%d", len(event.members))
+            elif isinstance(event, ScheduleMismatch):
+                logger.error("event=schedule-mismatch %s", event.detail)
+            elif isinstance(event, ChannelRefused):
+                self._stats[f"channel_refused_{event.reason}"] += 1
+                self._log.warning(
+                    f"channel:{event.reason}",
+                    "event=channel-refused reason=%s detail=%s",
+                    event.reason,
+                    event.detail,
+                )
+            elif isinstance(event, BridgeSaid):
+                self._log.warning(
+                    f"bridge:{event.reason}", "event=bridge-error reason=%s", event.reason
+                )
+        self._agent_wakeup.set()
+        self._after()
+
+    async def _timers(self) -> None:
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                self._reschedule()
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = self._clock.now()
+            self._session.handle_timeout(now)
+            self._agent.handle_timeout(now)
+            self._after_agent()
+
+    # ------------------------------------------------------------------ connections
+
+    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.config.listen, any_port=True)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.listen_port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        async with contextlib.AsyncExitStack() as stack:
+            for listener in listeners:
+                await stack.enter_async_context(listener)
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        while True:
+            stream = await listener.accept()
+            if self._session.unauthenticated_connections() >= self.config.max_unauthenticated:
+                # A flood of HELLOs (or of silent connections) is capped here.
+                self._stats["connections_refused"] += 1
+                self._log.warning(
+                    "conn-cap",
+                    "refused cause=unauthenticated-cap limit=%d",
+                    self.config.max_unauthenticated,
+                )
+                await stream.aclose()
+                continue
+            conn = self._session.accept(self._clock.now())
+            self._start_connection(conn, stream)
+
+    async def _dial(self, peer: str) -> None:
+        member = self._agent.members.get(peer)
+        now = self._clock.now()
+        if member is None:
+            self._log.warning(
+                f"no-address:{peer}", "event=dial-failed peer=%s reason=no-address", peer
+            )
+            self._session.dial_failed(peer, now)
+            self._after()
+            return
+        host, port = member.host_port()
+        try:
+            with trio.fail_after(_DIAL_TIMEOUT):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self._log.info(
+                f"dial:{peer}", "event=dial-failed peer=%s reason=%s", peer, type(exc).__name__
+            )
+            self._session.dial_failed(peer, self._clock.now())
+            self._after()
+            return
+        try:
+            conn = self._session.connect(peer, self._clock.now())
+        except UnknownPeer:
+            await stream.aclose()  # left the TVD while we dialed
+            return
+        self._start_connection(conn, stream)
+
+    def _start_connection(self, conn: int, stream: trio.abc.Stream) -> None:
+        assert self._nursery is not None
+        self._streams[conn] = stream
+        self._writers[conn] = _Wakeup()
+        self._nursery.start_soon(self._run_connection, conn, stream)
+        self._after()
+
+    async def _run_connection(self, conn: int, stream: trio.abc.Stream) -> None:
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, conn, stream)
+                await self._writer(conn, stream)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._writers.pop(conn, None)
+            self._streams.pop(conn, None)
+            self._session.connection_lost(conn, self._clock.now())
+            self._after()
+
+    async def _reader(self, conn: int, stream: trio.abc.Stream) -> None:
+        session = self._session
+        try:
+            while True:
+                while len(self._inbox) >= self.config.inbox_size:
+                    # Backpressure: stop reading while the application lags behind.
+                    self._inbox_space = trio.Event()
+                    await self._inbox_space.wait()
+                data = await stream.receive_some(_READ_SIZE)
+                session.receive_data(conn, data, self._clock.now())
+                self._after()
+                if not data:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            session.connection_lost(conn, self._clock.now())
+            self._after()
+        finally:
+            writer = self._writers.get(conn)
+            if writer is not None:
+                writer.set()
+
+    async def _writer(self, conn: int, stream: trio.abc.Stream) -> None:
+        session = self._session
+        wakeup = self._writers[conn]
+        while True:
+            data = session.data_to_send(conn, self._clock.now())
+            if data:
+                try:
+                    with trio.move_on_after(_WRITE_TIMEOUT) as timeout:
+                        await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if timeout.cancelled_caught:
+                    self._log.warning("write-timeout", "event=write-timeout conn=%d", conn)
+                    return
+            if session.is_finished(conn):
+                return
+            if not data:
+                await wakeup.wait()
+
+    # ------------------------------------------------------------------ status socket
+
+    async def _serve_status(self, path: os.PathLike[str]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # owner-only from the start
+        try:
+            await sock.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                async with stream:
+                    with trio.move_on_after(2):
+                        await stream.send_all(json.dumps(self.status()).encode() + b"\n")
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    config: NodeConfig, *, clock: WallClock | None = None, instance: bytes | None = None
+) -> AsyncIterator[Node]:
+    """Run a node for as long as the `async with` block lasts.
+
+    It loads the computer-key file, listens for peers, opens the key channel and says
+    hello to the bridge. Leaving the block closes every connection.
+    """
+    keys, schedule = load_computer_keys(config.key_file)
+    session = Session(keys, schedule, allowance=config.skew_allowance, instance=instance)
+    agent = KeyAgent(session, schedule)
+    node = Node(config, session, agent, clock or WallClock())
+    async with trio.open_nursery() as nursery:
+        node._nursery = nursery
+        await nursery.start(node._serve)
+        nursery.start_soon(node._timers)
+        nursery.start_soon(
+            run_key_channel,
+            config.key_channel,
+            agent,
+            node._after_agent,
+            node._agent_wakeup,
+            node._clock,
+        )
+        if config.status_socket is not None:
+            nursery.start_soon(node._serve_status, config.status_socket)
+        logger.info(
+            "event=started vm=%s listen=%s key_channel=%s",
+            node.vm,
+            config.listen,
+            config.key_channel,
+        )
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
+            keys.erase()
+            session.erase_all_keys()
