@@ -76,3 +76,88 @@ async def test_send_times_out_when_the_peer_is_unreachable(
         h.nodes["vm-a"]._agent.members.pop("vm-b")  # no address: dials fail
         with pytest.raises(SendTimeout, match="vm-b"):
             await h.nodes["vm-a"].send("vm-b", "nobody home", timeout=3)
+
+
+async def test_a_bridge_outage_longer_than_a_period_loses_nothing(
+    tmp_path: Path, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"], period_s=5.0)
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        h.bridge_up = False
+        await trio.sleep(15)  # periods end, no update comes: keys are erased
+        assert a.period is None
+        assert a.status()["cut_off"] is True
+        delivered = trio.Event()
+
+        async def send_while_cut_off() -> None:
+            await a.send("vm-b", "queued while cut off")
+            delivered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_while_cut_off)
+            await trio.sleep(3)
+            assert not delivered.is_set()  # nothing is sealed without a key
+            h.bridge_up = True
+            h.push_all()
+        message = await b.receive()
+        assert message.body == "queued while cut off"
+        assert message.period == h.schedule.period_at(h.clock.now())
+        cut_off_lines = [r for r in caplog.records if "event=cut-off vm=vm-a" in r.getMessage()]
+        assert len(cut_off_lines) == 1  # said once, not once per peer or per period
+        assert a.status()["cut_off"] is False
+
+
+async def test_a_peer_restart_gets_every_unacknowledged_message_once(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a = h.nodes["vm-a"]
+        for i in range(5):
+            await a.send("vm-b", i)
+        assert [(await h.nodes["vm-b"].receive()).body for _ in range(5)] == list(range(5))
+        h.stop_node("vm-b")
+        results: list[int] = []
+
+        async def send_later() -> None:
+            for i in range(5, 10):
+                await a.send("vm-b", i)
+                results.append(i)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_later)
+            await trio.sleep(2)
+            b2 = await h.restart_node("vm-b")
+            got = [(await b2.receive()).body for _ in range(5)]
+        assert got == [5, 6, 7, 8, 9]
+        assert results == [5, 6, 7, 8, 9]
+        assert a.stats["peer_restarts"] == 1
+
+
+async def test_status_socket_answers_without_key_material(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    import json
+
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        node = h.nodes["vm-a"]
+        path = tmp_path / "status.sock"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node._serve_status, path)
+            assert (path.stat().st_mode & 0o077) == 0
+            stream = await trio.open_unix_socket(str(path))
+            async with stream:
+                raw = b""
+                while chunk := await stream.receive_some():
+                    raw += chunk
+            nursery.cancel_scope.cancel()
+        status = json.loads(raw)
+        assert status["vm"] == "vm-a"
+        assert status["peers"]["vm-b"]["has_key"] is True
+        key = node._session.key_state("vm-b").open_key().hex()
+        assert key not in raw.decode()

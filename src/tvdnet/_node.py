@@ -313,8 +313,9 @@ class Node:
         if self.period is None and not self._cut_off:
             self._cut_off = True
             logger.warning(
-                "event=cut-off period=%d: period keys ended without an update from the "
-                "bridge; refusing traffic until new keys arrive",
+                "event=cut-off vm=%s period=%d: period keys ended without an update from "
+                "the bridge; refusing traffic until new keys arrive",
+                self.vm,
                 self._last_erased,
             )
 
@@ -324,7 +325,7 @@ class Node:
             if isinstance(event, KeysUpdated):
                 if self._cut_off and self.period is not None:
                     self._cut_off = False
-                    logger.warning("event=keys-restored period=%d", event.t)
+                    logger.warning("event=keys-restored vm=%s period=%d", self.vm, event.t)
                 self._stats["key_updates"] += 1
                 if event.missing:
                     self._log.warning(
@@ -483,7 +484,9 @@ class Node:
 
     # ------------------------------------------------------------------ status socket
 
-    async def _serve_status(self, path: os.PathLike[str]) -> None:
+    async def _serve_status(
+        self, path: os.PathLike[str], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -494,6 +497,7 @@ class Node:
             os.umask(old_umask)
         sock.listen(16)
         listener = trio.SocketListener(sock)
+        task_status.started()
         async with listener:
             while True:
                 stream = await listener.accept()
@@ -528,7 +532,7 @@ async def open_node(
             node._clock,
         )
         if config.status_socket is not None:
-            nursery.start_soon(node._serve_status, config.status_socket)
+            await nursery.start(node._serve_status, config.status_socket)
         logger.info(
             "event=started vm=%s listen=%s key_channel=%s",
             node.vm,
