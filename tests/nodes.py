@@ -40,12 +40,17 @@ class Harness:
         period_s: float = 10.0,
         tvd: str = "t1",
         max_unauthenticated: int = 64,
+        epoch: float = EPOCH,
+        clock: WallClock | None = None,
+        external: tuple[str, ...] = (),
     ) -> None:
+        """`external` members' nodes run elsewhere: `external_config(vm)` says how."""
         self.max_unauthenticated = max_unauthenticated
+        self.external = external
         self.tmp = tmp
         self.tvd = tvd
         self.members = members
-        self.schedule = Schedule(EPOCH, period_s, 100_000)
+        self.schedule = Schedule(epoch, period_s, 100_000)
         provisioning = generate(tvd, members)
         self.device: DeviceKeys = provisioning.for_bridge()
         # For tests that forge frames: dev_1 of each pair and every VM's computer keys.
@@ -55,15 +60,24 @@ class Harness:
         for vm in members:
             write_computer_keys(tmp / f"{vm}.keys", provisioning.for_vm(vm), self.schedule)
         provisioning.erase()
-        self.clock = WallClock(offset=EPOCH + 1.0)  # time starts 1 s into period 1
+        # By default time starts 1 s into period 1 (for MockClock); real-time tests pass
+        # WallClock() and an epoch just behind the real time.
+        self.clock = clock or WallClock(offset=epoch + 1.0)
         self.nodes: dict[str, Node] = {}
         self.ports: dict[str, int] = {}
+        self._external_fds: dict[str, int] = {}
+        self._external_ends: dict[str, socket.socket] = {}
         self.channels: dict[str, VmChannel] = {}
         self.bridge_up = True
         self.pushed = 0  # the newest period the bridge pushed
         self._nursery: trio.Nursery | None = None
         self._node_scopes: dict[str, trio.CancelScope] = {}
         self._wakeups: dict[str, trio.Event] = {}
+        for vm in external:
+            node_end, bridge_end = socket.socketpair()
+            self._external_ends[vm] = bridge_end
+            self.ports[vm] = _free_port()
+            self._external_fds[vm] = node_end.detach()
 
     def period_key(self, a: str, b: str, t: int) -> bytes:
         """SK_t of pair {a, b}, computed from scratch (G, U*, U), for forging test frames."""
@@ -74,6 +88,10 @@ class Harness:
         comp = self._computer[a].get(b)
         assert comp is not None
         return computer_update(partial, comp, self.tvd, a, b, t)
+
+    def external_config(self, vm: str) -> NodeConfig:
+        """The config of an external member's node (its key channel end is already made)."""
+        return self.config(vm, self._external_fds[vm])
 
     def config(self, vm: str, fd: int) -> NodeConfig:
         port = self.ports.get(vm, 0)
@@ -91,7 +109,12 @@ class Harness:
             self._nursery = nursery
             # Nodes first (their ports go into the welcome), then the bridge's side of each
             # channel: a node's hello waits in the socket until the bridge reads it.
-            ends = {vm: await self._start_node_only(vm) for vm in self.members}
+            ends = {
+                vm: self._external_ends[vm]
+                if vm in self.external
+                else await self._start_node_only(vm)
+                for vm in self.members
+            }
             members = tuple(
                 channel.Member(vm, f"127.0.0.1:{self.ports[vm]}") for vm in self.members
             )
@@ -142,7 +165,7 @@ class Harness:
         now = self.clock.now()
         self.pushed = self.schedule.period_at(now)
         self.device.evolve_to(self.pushed)
-        for vm in self.nodes:
+        for vm in (*self.nodes, *self.external):
             self._push(vm, now)
 
     def _wake(self, vm: str) -> None:
@@ -199,3 +222,10 @@ class Harness:
                 for node in self.nodes.values()
             ):
                 await trio.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port

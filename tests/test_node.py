@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import trio.testing
 from nodes import Harness
 
 from tvdnet import SendTimeout, UnknownPeer
+from tvdnet._control import control_request, serve_control
 
 
 @pytest.fixture
@@ -137,27 +139,29 @@ async def test_a_peer_restart_gets_every_unacknowledged_message_once(
         assert a.stats["peer_restarts"] == 1
 
 
-async def test_status_socket_answers_without_key_material(
+async def test_control_socket_status_and_send(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:
-    import json
-
     h = Harness(tmp_path, ["vm-a", "vm-b"])
     async with h.running():
         await h.wait_keys()
         node = h.nodes["vm-a"]
-        path = tmp_path / "status.sock"
+        path = tmp_path / "control.sock"
         async with trio.open_nursery() as nursery:
-            await nursery.start(node._serve_status, path)
+            await nursery.start(serve_control, node, path)
             assert (path.stat().st_mode & 0o077) == 0
-            stream = await trio.open_unix_socket(str(path))
-            async with stream:
-                raw = b""
-                while chunk := await stream.receive_some():
-                    raw += chunk
+            reply = await control_request(path, {"cmd": "status"})
+            assert await control_request(path, {"cmd": "send", "peer": "vm-b", "body": [1, 2]}) == {
+                "ok": True
+            }
+            bad = await control_request(path, {"cmd": "send", "peer": "vm-q", "body": 1})
+            assert bad["ok"] is False
+            assert bad["type"] == "UnknownPeer"
+            assert (await control_request(path, {"cmd": "dance"}))["ok"] is False
             nursery.cancel_scope.cancel()
-        status = json.loads(raw)
+        assert (await h.nodes["vm-b"].receive()).body == [1, 2]
+        status = reply["status"]
         assert status["vm"] == "vm-a"
         assert status["peers"]["vm-b"]["has_key"] is True
         key = node._session.key_state("vm-b").open_key().hex()
-        assert key not in raw.decode()
+        assert key not in json.dumps(reply)

@@ -7,7 +7,7 @@
     # send_timeout = 30.0                # seconds before send() gives up waiting for the ACK
     # max_unauthenticated = 64           # connections that have not authenticated yet
     # inbox_size = 10000                 # received messages the application has not taken
-    # status_socket = "vm-a.status"      # a Unix socket answering status queries (JSON)
+    # control_socket = "vm-a.control"    # owner-only Unix socket: status, send (JSON lines)
 
 Relative paths are relative to the TOML file. Key channels:
 
@@ -78,7 +78,7 @@ class NodeConfig:
     send_timeout: float = 30.0
     max_unauthenticated: int = 64
     inbox_size: int = 10_000
-    status_socket: Path | None = None
+    control_socket: Path | None = None
 
     def __post_init__(self) -> None:
         source = "NodeConfig"
@@ -130,10 +130,10 @@ class NodeConfig:
             if values["key_channel"].kind in ("tty", "unix", "image"):
                 target = base / values["key_channel"].target
                 values["key_channel"] = KeyChannelSpec(values["key_channel"].kind, str(target))
-        if "status_socket" in document:
-            if not isinstance(document["status_socket"], str):
-                raise ConfigError(source, "status_socket", "must be a path string")
-            values["status_socket"] = base / document["status_socket"]
+        if "control_socket" in document:
+            if not isinstance(document["control_socket"], str):
+                raise ConfigError(source, "control_socket", "must be a path string")
+            values["control_socket"] = base / document["control_socket"]
         for key in ("skew_allowance", "send_timeout", "max_unauthenticated", "inbox_size"):
             if key in document:
                 values[key] = document[key]

@@ -16,9 +16,7 @@ and the outside world:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from ._agent import (
 )
 from ._clock import WallClock
 from ._config import NodeConfig
+from ._control import serve_control
 from ._errors import TvdnetError, UnknownPeer
 from ._keychannel import run_key_channel
 from ._logs import RateLimitedLog
@@ -482,29 +481,6 @@ class Node:
             if not data:
                 await wakeup.wait()
 
-    # ------------------------------------------------------------------ status socket
-
-    async def _serve_status(
-        self, path: os.PathLike[str], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # owner-only from the start
-        try:
-            await sock.bind(os.fspath(path))
-        finally:
-            os.umask(old_umask)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                async with stream:
-                    with trio.move_on_after(2):
-                        await stream.send_all(json.dumps(self.status()).encode() + b"\n")
-
 
 @contextlib.asynccontextmanager
 async def open_node(
@@ -531,8 +507,8 @@ async def open_node(
             node._agent_wakeup,
             node._clock,
         )
-        if config.status_socket is not None:
-            await nursery.start(node._serve_status, config.status_socket)
+        if config.control_socket is not None:
+            await nursery.start(serve_control, node, config.control_socket)
         logger.info(
             "event=started vm=%s listen=%s key_channel=%s",
             node.vm,
