@@ -165,3 +165,55 @@ async def test_control_socket_status_and_send(
         assert status["peers"]["vm-b"]["has_key"] is True
         key = node._session.key_state("vm-b").open_key().hex()
         assert key not in json.dumps(reply)
+
+
+async def test_simultaneous_dials_leave_one_connection_per_pair(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        async with trio.open_nursery() as nursery:  # both dial at the same moment
+            nursery.start_soon(a.send, "vm-b", "from a")
+            nursery.start_soon(b.send, "vm-a", "from b")
+        assert (await b.receive()).body == "from a"
+        assert (await a.receive()).body == "from b"
+        await trio.sleep(1)
+        for node, peer in ((a, "vm-b"), (b, "vm-a")):
+            assert node.status()["peers"][peer]["connections"] == 1
+            assert node.status()["peers"][peer]["connected"] is True
+
+
+async def test_a_reader_that_lags_holds_senders_back(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        b.config = type(b.config)(**{**_fields(b.config), "inbox_size": 50})
+        a._session._window_messages = 100
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(a.send, "vm-b", i)
+                    sent += 1
+
+        with trio.move_on_after(5):
+            await flood()
+        # vm-b's application read nothing: vm-b stopped reading its socket once its inbox
+        # held 50, and vm-a's window of 100 unacknowledged messages closed behind that.
+        waiting = len(b._inbox)
+        assert 50 <= waiting < 200  # the inbox limit, plus what one read carried past it
+        assert a._session.unacknowledged("vm-b") <= 100
+        assert sent == 300  # every send() was started...
+        got = [(await b.receive()).body for _ in range(waiting)]
+        assert len(set(got)) == len(got)  # ...and what arrived, arrived once
+
+
+def _fields(config: object) -> dict[str, object]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}  # type: ignore[attr-defined]
