@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._demo import add_demo_parser
 
     add_demo_parser(commands)
-    commands.add_parser("loadtest", help="many peers on loopback (not implemented yet)")
+    from ._loadtest import add_loadtest_parser
+
+    add_loadtest_parser(commands)
     return parser
 
 
@@ -119,8 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import run_demo
 
         return run_demo(args)
-    print(f"tvdnet {args.command}: not implemented yet", file=sys.stderr)
-    return 2
+    if args.command == "loadtest":
+        from ._loadtest import run_loadtest
+
+        return run_loadtest(args)
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 def _fields(config: NodeConfig) -> dict[str, Any]:
