@@ -114,6 +114,7 @@ class FakeGuest:
         self.reader = channel.ChannelReader()
         self.received: list[Received] = []
         self._arrived = trio.Event()
+        self.eof = trio.Event()  # set when the bridge hung up (or the stream broke)
 
     async def send(self, message: channel.ChannelMessage) -> None:
         await self.stream.send_all(channel.encode(message))
@@ -121,8 +122,23 @@ class FakeGuest:
     async def hello(self, vm: str | None = None, have: int = 0) -> None:
         await self.send(channel.Hello(vm or self.vm, have))
 
+    async def hello_until_welcome(self) -> None:
+        """SPEC §5: a node says hello again every second until welcomed (a pty may have
+        dropped what was written before the bridge opened it)."""
+        while not self.of(channel.Welcome):
+            await self.hello()
+            with trio.move_on_after(1.0):
+                await self.wait_for(channel.Welcome)
+
     async def run(self) -> None:
-        """Read until EOF, acking every update if asked to."""
+        """Read until EOF, acking every update if asked to; then close."""
+        try:
+            await self._read()
+        finally:
+            self.eof.set()
+            await trio.aclose_forcefully(self.stream)
+
+    async def _read(self) -> None:
         while True:
             try:
                 data = await self.stream.receive_some(1 << 16)

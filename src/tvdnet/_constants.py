@@ -44,6 +44,10 @@ CHANNEL_HELLO_RETRY: Final = 1.0  # SPEC §5: the node re-sends hello every 1 s
 BRIDGE_WRITE_TIMEOUT: Final = 2.0  # a key-channel write stuck this long drops that connection
 BRIDGE_OUTPUT_LIMIT: Final = 2 * CHANNEL_LIMIT  # bytes queued for one VM before reading pauses
 BRIDGE_READ_CHUNK: Final = 1 << 16
+# Input is fed to the channel this much at a time, checking the output bound in between:
+# every hello is answered with a welcome and the whole update, so 64 KiB of hellos must
+# not turn into gigabytes of queued output before the bound is looked at.
+BRIDGE_FEED_PIECE: Final = 512
 BRIDGE_RECONNECT_INITIAL: Final = 0.5  # re-open a port that failed or closed after this...
 BRIDGE_RECONNECT_MAX: Final = 5.0  # ...doubling up to this: never a busy loop
 BRIDGE_CLOSE_TIMEOUT: Final = 1.0  # closing a stream may not take longer than this
