@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,9 +47,7 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield directory
     finally:
-        for entry in directory.iterdir():
-            entry.unlink()
-        directory.rmdir()
+        shutil.rmtree(directory)
 
 
 def stream_config(
@@ -115,9 +114,14 @@ class FakeGuest:
         self.received: list[Received] = []
         self._arrived = trio.Event()
         self.eof = trio.Event()  # set when the bridge hung up (or the stream broke)
+        self._sending = trio.StrictFIFOLock()
 
     async def send(self, message: channel.ChannelMessage) -> None:
-        await self.stream.send_all(channel.encode(message))
+        await self.send_bytes(channel.encode(message))
+
+    async def send_bytes(self, data: bytes) -> None:
+        async with self._sending:
+            await self.stream.send_all(data)
 
     async def hello(self, vm: str | None = None, have: int = 0) -> None:
         await self.send(channel.Hello(vm or self.vm, have))

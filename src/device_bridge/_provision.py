@@ -23,7 +23,7 @@ from ._config import TvdConfig
 from ._errors import KeystoreError, ProvisionError
 from ._keystore import Keystore, MemberRecord
 
-__all__ = ["ProvisionResult", "provision"]
+__all__ = ["ProvisionResult", "check_targets", "provision"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,26 @@ def _mkdir_private(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+def check_targets(
+    config: TvdConfig, keystore_path: Path, export_dir: Path, *, force: bool
+) -> dict[str, Path]:
+    """Each VM's computer-key file; ProvisionError if anything is in the way (without force)."""
+    if Path(export_dir).resolve() == Path(keystore_path).parent.resolve():
+        raise ProvisionError(
+            "the export directory must not be the keystore's directory: the computer keys "
+            "leave this host, the device keys never do (SPEC §1)"
+        )
+    exports = {vm: Path(export_dir) / f"{vm}.keys" for vm in config.ids}
+    in_the_way = [p for p in [Path(keystore_path), *exports.values()] if os.path.lexists(p)]
+    if in_the_way and not force:
+        raise ProvisionError(
+            "refusing to overwrite "
+            + ", ".join(str(p) for p in in_the_way)
+            + " (use --force to replace them); nothing was changed"
+        )
+    return exports
+
+
 def provision(
     config: TvdConfig,
     keystore_path: Path,
@@ -51,6 +71,7 @@ def provision(
 ) -> ProvisionResult:
     """Provision the TVD of `config`; `passphrase=None` writes a plaintext (demo) keystore."""
     now = time.time() if now is None else now
+    keystore_path, export_dir = Path(keystore_path), Path(export_dir)
     schedule = config.schedule(default_epoch=now)
     if now < schedule.epoch:
         t0 = 1  # SPEC §3: t0 = 1 before the epoch
@@ -61,22 +82,7 @@ def provision(
             raise ProvisionError(
                 f"the schedule's last period ({schedule.periods}) has already ended"
             ) from None
-    keystore_path = Path(keystore_path)
-    export_dir = Path(export_dir)
-    if export_dir.resolve() == keystore_path.parent.resolve():
-        raise ProvisionError(
-            "the export directory must not be the keystore's directory: the computer keys "
-            "leave this host, the device keys never do (SPEC §1)"
-        )
-    exports = {vm: export_dir / f"{vm}.keys" for vm in config.ids}
-    targets = [keystore_path, *exports.values()]
-    in_the_way = [path for path in targets if os.path.lexists(path)]
-    if in_the_way and not force:
-        raise ProvisionError(
-            "refusing to overwrite "
-            + ", ".join(str(p) for p in in_the_way)
-            + " (use --force to replace them); nothing was changed"
-        )
+    exports = check_targets(config, keystore_path, export_dir, force=force)
     _mkdir_private(keystore_path.parent)
     _mkdir_private(export_dir)
     provisioning = generate(config.tvd, config.ids, pairs=config.pair_list())
