@@ -146,7 +146,7 @@ KINDS = ["stream", "memory", "unix", "unix-listen", "tcp", "tcp-connect", "pty"]
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_updates_every_period_over_every_transport(
-    kind: str, autojump_clock: trio.testing.MockClock
+    kind: str, io_clock: trio.testing.MockClock
 ) -> None:
     provisioning = generate("test-tvd", IDS)
     reference = Reference(provisioning)
@@ -225,7 +225,7 @@ async def test_an_unacknowledged_update_is_resent_with_backoff_until_its_period_
 
 @pytest.mark.parametrize("kind", ["stream", "unix-listen", "pty"])
 async def test_a_hello_naming_another_vm_gets_wrong_vm_and_nothing_else(
-    kind: str, autojump_clock: trio.testing.MockClock
+    kind: str, io_clock: trio.testing.MockClock
 ) -> None:
     provisioning = generate("test-tvd", IDS)
     clock = clock_at(start_of(2) + 1)

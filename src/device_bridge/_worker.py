@@ -496,9 +496,9 @@ class CdromWorker:
         try:
             if not self._allow_dev and (problem := unix_socket_problem(self.spec.qmp)):
                 raise QmpError(problem)
-            image = await trio.to_thread.run_sync(
-                write_update_image, self._iso_dir, f"{self.vm}.{t}.iso", data
-            )
+            # In the event loop, not a thread: pycdlib is pure Python (a thread would hold
+            # the GIL all the same) and tmpfs never blocks on a disk.
+            image = write_update_image(self._iso_dir, f"{self.vm}.{t}.iso", data)
             async with open_qmp(self.spec.qmp) as qmp:
                 await qmp.change_medium(self.spec.device, image)
         except (IsoError, QmpError, OSError, trio.BrokenResourceError) as exc:
