@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+import trio.testing
 from hypothesis import HealthCheck, settings
 
 # Tests import their shared helpers as a plain module.
@@ -16,3 +18,15 @@ settings.register_profile(
     database=None,
 )
 settings.load_profile("tvdnet")
+
+
+@pytest.fixture
+def io_clock() -> trio.testing.MockClock:
+    """A MockClock for tests that move bytes through the kernel.
+
+    `autojump_clock` jumps the moment every task is blocked, but a pty delivers a write
+    through a kernel work queue: the reader may not be readable yet, and the clock would
+    run a whole re-send timeout ahead of the bytes. Waiting a little real time first keeps
+    the virtual time honest; the tests stay deterministic in what they assert.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.1)

@@ -71,3 +71,21 @@ def test_find_virtio_port_without_udev(tmp_path: Path) -> None:
     )
     with pytest.raises(FileNotFoundError, match="no virtio-serial port named 'nope'"):
         find_virtio_port("nope", dev=dev, sys_dir=sys_dir)
+
+
+async def test_a_pty_with_nothing_to_read_is_not_end_of_file() -> None:
+    master, slave = os.openpty()
+    try:
+        guest = open_serial(os.ttyname(slave))
+        host = trio.lowlevel.FdStream(os.dup(master))
+        async with guest, host:
+            # Nothing is there yet: the read must wait, not return b"" (which means EOF).
+            with trio.move_on_after(0.2) as waited:
+                data = await guest.receive_some(10)
+                raise AssertionError(f"receive_some returned {data!r} with nothing sent")
+            assert waited.cancelled_caught
+            await host.send_all(b"late")
+            assert await _read_exactly(guest, 4) == b"late"
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -1,12 +1,52 @@
-"""The `tvdnet-bridge` command."""
+"""The `tvdnet-bridge` command: provision, run, status, reload (docs/bridge.md)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from tvdnet._constants import KEYSTORE_SCRYPT_N
 
 from . import __version__
+from ._config import TvdConfig, load_config
+from ._control import control_request, default_control_path, serve_control
+from ._daemon import Bridge, open_bridge
+from ._errors import BridgeError
+from ._iso import DEFAULT_ISO_DIR
+from ._keystore import ENCRYPTED, Keystore, check_scrypt_n
+from ._log import emit, logger
+from ._metrics import start_metrics
+from ._passphrase import read_passphrase
+from ._provision import check_targets, provision
+
+# Tests only: a cheaper scrypt, recorded in the file's kdf parameters (never for real use).
+SCRYPT_N_ENV: Final = "TVDNET_KEYSTORE_SCRYPT_N"
+EXIT_ERROR: Final = 1
+
+
+def _scrypt_n() -> int:
+    text = os.environ.get(SCRYPT_N_ENV)
+    if not text:
+        return KEYSTORE_SCRYPT_N
+    try:
+        n = check_scrypt_n(int(text))
+    except ValueError as exc:
+        raise BridgeError(f"${SCRYPT_N_ENV}: {exc}") from None
+    if n < KEYSTORE_SCRYPT_N:
+        print(
+            f"warning: ${SCRYPT_N_ENV}={n} weakens the keystore encryption (tests only)",
+            file=sys.stderr,
+        )
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,20 +55,252 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tvdnet-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in [
-        ("provision", "create the keys of a TVD"),
-        ("run", "serve every VM's key channel"),
+
+    p = commands.add_parser("provision", help="create the keys of a TVD (G)")
+    p.add_argument("tvd_file", type=Path, metavar="TVD.toml")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="write DIR/keystore.json and DIR/export/VM.keys")  # fmt: skip
+    p.add_argument(
+        "--keystore", type=Path, metavar="FILE", help="the keystore (default: DIR/keystore.json)"
+    )
+    p.add_argument(
+        "--export", type=Path, metavar="DIR", help="the computer-key files (default: DIR/export)"
+    )
+    p.add_argument("--plaintext", action="store_true",
+                   help="write the keystore unencrypted (demos only)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.add_argument("--passphrase-file", type=Path, metavar="FILE")
+
+    r = commands.add_parser("run", help="serve every VM's key channel")
+    r.add_argument("--config", type=Path, required=True, metavar="TVD.toml")
+    r.add_argument("--keystore", type=Path, required=True, metavar="FILE")
+    r.add_argument("--passphrase-file", type=Path, metavar="FILE")
+    r.add_argument("--control", type=Path, metavar="PATH",
+                   help=f"the control socket (default: {default_control_path()})")  # fmt: skip
+    r.add_argument("--metrics", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT")  # fmt: skip
+    r.add_argument("--allow-dev-transports", action="store_true",
+                   help="allow TCP and Unix sockets other local processes can reach")  # fmt: skip
+    r.add_argument("--iso-dir", type=Path, default=DEFAULT_ISO_DIR, metavar="DIR",
+                   help=f"tmpfs directory for approach-I images ({DEFAULT_ISO_DIR})")  # fmt: skip
+    r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    for name, text in (
         ("status", "show each VM's key-update state"),
-        ("reload", "re-read the membership"),
-    ]:
-        commands.add_parser(name, help=f"{text} (not implemented yet)")
+        ("reload", "re-read the TVD file"),
+    ):
+        c = commands.add_parser(name, help=text)
+        c.add_argument("--control", type=Path, metavar="PATH")
+        if name == "status":
+            c.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
+
+
+# --------------------------------------------------------------------------- provision
+
+
+def _provision(args: argparse.Namespace) -> int:
+    config = load_config(args.tvd_file)
+    keystore = args.keystore or args.out / "keystore.json"
+    export = args.export or args.out / "export"
+    check_targets(config, keystore, export, force=args.force)  # before asking for a passphrase
+    if args.plaintext:
+        print(
+            "WARNING: --plaintext: the keystore will hold the device keys UNENCRYPTED. "
+            "Use this for demos only (SPEC §6).",
+            file=sys.stderr,
+        )
+        passphrase = None
+    else:
+        passphrase = read_passphrase(confirm=True, file=args.passphrase_file)
+    try:
+        result = provision(
+            config,
+            keystore,
+            export,
+            passphrase=passphrase,
+            force=args.force,
+            scrypt_n=_scrypt_n(),
+        )
+    finally:
+        if passphrase is not None:
+            passphrase[:] = bytes(len(passphrase))
+    schedule = result.schedule
+    print(
+        f"Provisioned TVD {config.tvd!r}: {len(config.members)} members, {result.pairs} pairs; "
+        f"{schedule.periods} periods of {schedule.period_s:g} s from epoch {schedule.epoch:.3f}."
+    )
+    kind = "encrypted" if passphrase is not None else "PLAINTEXT, demo only"
+    print(f"Keystore (device keys dev_{result.t0} only, {kind}): {result.keystore}")
+    print(f"Computer-key files, one per VM, in {export}:")
+    for vm, path in result.exports.items():
+        print(f"  {path}  -> move into VM {vm!r} (mode 0600), for its node's key_file")
+    print(
+        "Then delete them from this host (for example: shred -u "
+        f"{export}/*.keys): the bridge must never hold a computer key (SPEC §1). "
+        "Keep no backup of the keystore either."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _load_keystore(path: Path, passphrase_file: Path | None) -> Keystore:
+    header = Keystore.read_header(path)
+    passphrase = None
+    if header["encryption"] == ENCRYPTED:
+        passphrase = read_passphrase(confirm=False, file=passphrase_file)
+    else:
+        emit(logging.WARNING, "plaintext-keystore", path=path, note="demo only (SPEC §6)")
+    try:
+        keystore = Keystore.load(path, passphrase, scrypt_n=_scrypt_n())
+    except BaseException:
+        if passphrase is not None:
+            passphrase[:] = bytes(len(passphrase))
+        raise
+    return keystore
+
+
+async def _handle_signals(bridge: Bridge, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    await bridge.reload()
+                except BridgeError as exc:
+                    emit(logging.ERROR, "reload-failed", why=str(exc))
+            else:
+                emit(logging.INFO, "stopping", signal=signal.Signals(signum).name)
+                cancel.cancel()
+                return
+
+
+async def _serve(args: argparse.Namespace, config: TvdConfig, keystore: Keystore) -> None:
+    async with open_bridge(
+        config,
+        keystore.device_keys,
+        keystore=keystore,
+        allow_dev_transports=args.allow_dev_transports,
+        iso_dir=args.iso_dir,
+    ) as bridge:
+        metrics = start_metrics(bridge, args.metrics) if args.metrics is not None else None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_handle_signals, bridge, nursery.cancel_scope)
+                await nursery.start(serve_control, bridge, args.control or default_control_path())
+        finally:
+            if metrics is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(metrics.close)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    config = load_config(args.config)
+    keystore = _load_keystore(args.keystore, args.passphrase_file)
+    try:
+        keystore.lock()
+        config.check_schedule(keystore.schedule)
+        if config.tvd != keystore.tvd:
+            raise config.error("tvd", f"is {config.tvd!r}; the keystore is of {keystore.tvd!r}")
+        trio.run(_serve, args, config, keystore)
+    finally:
+        keystore.device_keys.erase()
+        keystore.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- status, reload
+
+
+def _age(value: Any) -> str:
+    return f"{value * 1000:.1f}" if isinstance(value, int | float) else "-"
+
+
+def print_status(status: dict[str, Any]) -> None:
+    period = status.get("period")
+    print(
+        f"TVD {status['tvd']}: period {period if period is not None else '-'} of "
+        f"{status['periods']} ({status['period_s']:g} s); keystore at period "
+        f"{status.get('keystore_period') or '-'}"
+        + (f", {status['keystore_errors']} write errors" if status.get("keystore_errors") else "")
+    )
+    header = (
+        "VM",
+        "CONNECTED",
+        "STATE",
+        "ACKED",
+        "LAG",
+        "RESENDS",
+        "STUCK",
+        "LATENCY_MS",
+        "CHANNEL",
+    )
+    rows = [header]
+    for vm in status["vms"]:
+        rows.append(
+            (
+                vm["vm"],
+                "yes" if vm["connected"] else "no",
+                vm["state"],
+                str(vm["acked"] or "-"),
+                str(vm["lag"]),
+                str(vm["resends"]),
+                str(vm["stuck"]),
+                _age(vm["last_latency"]),
+                vm["channel"],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _control(args: argparse.Namespace) -> int:
+    path = args.control or default_control_path()
+    answer = control_request(path, args.command)
+    if not answer.get("ok"):
+        print(f"tvdnet-bridge {args.command}: {answer.get('error', 'failed')}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.command == "reload":
+        result = answer["reload"]
+        print(
+            "reloaded: removed "
+            + (", ".join(result["removed"]) or "none")
+            + f"; {len(result['told'])} VMs told the new members; moved "
+            + (", ".join(result["moved"]) or "none")
+        )
+    elif args.json:
+        print(json.dumps(answer["status"], indent=1))
+    else:
+        print_status(answer["status"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"tvdnet-bridge {args.command}: not implemented yet", file=sys.stderr)
-    return 2
+    handlers = {"provision": _provision, "run": _run, "status": _control, "reload": _control}
+    try:
+        return handlers[args.command](args)
+    except BridgeError as exc:
+        print(f"tvdnet-bridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"tvdnet-bridge {args.command}:{where} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ surface as `trio.BrokenResourceError`.
 from __future__ import annotations
 
 import os
+import termios
 from pathlib import Path
 
 import serial
@@ -28,6 +29,13 @@ def open_serial(path: str | os.PathLike[str]) -> trio.lowlevel.FdStream:
     """A tty, pty slave or serial device in raw mode, as a trio stream."""
     port = serial.Serial(os.fspath(path), timeout=0, exclusive=False)
     try:
+        # pyserial leaves VMIN = VTIME = 0, under which a read with nothing to read returns
+        # 0 bytes, which FdStream takes for end of file. VMIN = 1 makes it EAGAIN instead,
+        # so trio waits for data.
+        attrs = termios.tcgetattr(port.fileno())
+        attrs[6][termios.VMIN] = 1
+        attrs[6][termios.VTIME] = 0
+        termios.tcsetattr(port.fileno(), termios.TCSANOW, attrs)
         # FdStream owns its descriptor; closing `port` afterwards keeps raw mode.
         return trio.lowlevel.FdStream(os.dup(port.fileno()))
     finally:

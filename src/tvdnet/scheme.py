@@ -239,6 +239,19 @@ class DeviceKeys:
             if vm in pair
         }
 
+    def all_partials(self) -> dict[str, dict[str, bytearray]]:
+        """`partials_for` of every member at once, each pair's partial computed once.
+
+        A bridge pushing every VM's update calls this: one pass over the pairs instead of
+        one per member. Each member gets its own bytearray, so each can be zeroed alone.
+        """
+        out: dict[str, dict[str, bytearray]] = {}
+        for pair, key in self._keys.items():
+            partial = device_update(key, self.tvd, pair.lo, pair.hi, self.period)
+            out.setdefault(pair.lo, {})[pair.hi] = bytearray(partial)
+            out.setdefault(pair.hi, {})[pair.lo] = bytearray(partial)
+        return out
+
     def key_bytes(self, pair: Pair) -> bytearray:
         """The stored dev_t of `pair`, for the keystore writer only."""
         return self._keys[pair]

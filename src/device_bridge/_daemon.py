@@ -1,0 +1,552 @@
+"""The bridge daemon: U* at every period start, and one worker per VM (SPEC §3, §5, §6).
+
+What happens when (the one place to read it):
+
+- Start (`open_bridge`): evolve every device key to the current period and rewrite the
+  keystore *before anything else* (SPEC §1), drop members the TVD file no longer lists,
+  then start one worker per VM, the period task and the keystore writer.
+- Period start (`_begin_period`): evolve dev_{t-1} to dev_t in place (U*; dev_{t-1} is
+  overwritten, SPEC §3), hand every worker its update (never waiting for any VM), and
+  have the keystore rewritten with dev_t. The push does not wait for the keystore write:
+  the file on disk holds dev_{t-1} until the atomic rename lands either way, so waiting
+  would only delay the updates by scrypt and fsync (seconds on a busy disk) without
+  shortening that window; see docs/bridge.md.
+- After the last period: no more updates; the bridge says so and keeps serving welcomes.
+- Reload: members the TVD file no longer lists are removed (their device keys erased,
+  the keystore rewritten), their channels closed, and every VM whose member list changed
+  gets `members` and the current update. A new member is refused: it needs `provision`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from tvdnet import channel
+from tvdnet._clock import WallClock
+from tvdnet._constants import (
+    BRIDGE_KEYSTORE_RETRY,
+    BRIDGE_KEYSTORE_RETRY_MAX,
+    BRIDGE_RECONNECT_MAX,
+    BRIDGE_SHUTDOWN_WRITE_TIMEOUT,
+)
+from tvdnet._errors import NoSuchPeriod
+from tvdnet.channel import Member
+from tvdnet.scheme import DeviceKeys, Schedule
+
+from ._config import MemberConfig, TvdConfig, load_config
+from ._errors import KeystoreError, ReloadError, TransportRefused
+from ._iso import DEFAULT_ISO_DIR
+from ._keystore import Keystore, MemberRecord
+from ._log import emit, logger
+from ._signal import Signal
+from ._transports import CdromSwap, development_reason
+from ._worker import CdromWorker, ChannelWorker, VmStatus, Worker
+
+__all__ = ["Bridge", "BridgeStatus", "ReloadResult", "open_bridge"]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStatus:
+    tvd: str
+    period: int | None  # the period whose updates are out (None before the epoch or after N)
+    schedule: Schedule
+    keystore: str | None
+    keystore_period: int | None  # the period of the device keys on disk
+    keystore_errors: int
+    vms: tuple[VmStatus, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tvd": self.tvd,
+            "period": self.period,
+            "epoch": self.schedule.epoch,
+            "period_s": self.schedule.period_s,
+            "periods": self.schedule.periods,
+            "keystore": self.keystore,
+            "keystore_period": self.keystore_period,
+            "keystore_errors": self.keystore_errors,
+            "vms": [vm.to_json() for vm in self.vms],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    removed: tuple[str, ...] = ()
+    told: tuple[str, ...] = ()  # VMs that were sent `members` and the current update
+    moved: tuple[str, ...] = ()  # VMs whose channel changed
+
+    def to_json(self) -> dict[str, object]:
+        return {"removed": list(self.removed), "told": list(self.told), "moved": list(self.moved)}
+
+
+@dataclass(slots=True)
+class _Running:
+    worker: Worker
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _check_transports(config: TvdConfig, allow_dev: bool) -> None:
+    if allow_dev:
+        return
+    for member in config.members:
+        why = development_reason(member.channel)
+        if why is not None:
+            raise TransportRefused(member.id, why)
+
+
+class Bridge:
+    """A running bridge. Get one from `open_bridge`; its methods are for the event loop."""
+
+    def __init__(
+        self,
+        config: TvdConfig,
+        device_keys: DeviceKeys,
+        schedule: Schedule,
+        keystore: Keystore | None,
+        clock: WallClock,
+        allow_dev: bool,
+        iso_dir: Path,
+    ) -> None:
+        self.config = config
+        self.schedule = schedule
+        self._keys = device_keys
+        self._keystore = keystore
+        self._clock = clock
+        self._allow_dev = allow_dev
+        self._iso_dir = iso_dir
+        self._running: dict[str, _Running] = {}
+        self._nursery: trio.Nursery | None = None
+        self.period: int | None = None  # the period whose updates are out
+        self._members: dict[str, tuple[Member, ...]] = {}  # each VM's welcome member list
+        self._keystore_dirty = False
+        self._keystore_busy = False
+        self._keystore_wake = Signal()
+        self._keystore_idle = Signal()
+        self.keystore_period: int | None = device_keys.period if keystore is not None else None
+        self.keystore_errors = 0
+        self.keystore_writes = 0
+        self.last_keystore_write_s: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Bridge tvd={self.tvd!r} period={self.period} vms={len(self._running)}>"
+
+    @property
+    def tvd(self) -> str:
+        return self._keys.tvd
+
+    @property
+    def vms(self) -> tuple[str, ...]:
+        return tuple(self._running)
+
+    # ------------------------------------------------------------------ what callers see
+
+    def status(self) -> BridgeStatus:
+        return BridgeStatus(
+            tvd=self.tvd,
+            period=self.period,
+            schedule=self.schedule,
+            keystore=str(self._keystore.path) if self._keystore is not None else None,
+            keystore_period=self.keystore_period,
+            keystore_errors=self.keystore_errors,
+            vms=tuple(r.worker.status(self.period) for r in self._running.values()),
+        )
+
+    def worker(self, vm: str) -> Worker:
+        return self._running[vm].worker
+
+    async def wait_acked(self, vm: str, t: int) -> None:
+        """Return once `vm` acknowledged period t (approach I: once t was swapped in)."""
+        await self._running[vm].worker.wait_acked(t)
+
+    async def wait_keystore(self) -> None:
+        """Return once every change so far is on disk (the keystore writer is idle)."""
+        while self._keystore is not None and (self._keystore_dirty or self._keystore_busy):
+            await self._keystore_idle.wait()
+
+    # ------------------------------------------------------------------ start
+
+    def _provisioned(self) -> set[str]:
+        if self._keystore is not None:
+            return set(self._keystore.members)
+        return self._keys.members()
+
+    def _records(self) -> None:
+        """The keystore remembers each member as the TVD file now describes it."""
+        if self._keystore is not None:
+            self._keystore.members = {
+                m.id: MemberRecord(m.id, m.address, str(m.channel)) for m in self.config.members
+            }
+
+    def _period_now(self) -> int | None:
+        """The current period; None before the epoch, N+1 after the last period."""
+        now = self._clock.now()
+        if now < self.schedule.epoch:
+            return None
+        try:
+            return self.schedule.period_at(now)
+        except NoSuchPeriod:
+            return self.schedule.periods + 1
+
+    async def _start(self) -> None:
+        """SPEC §1: evolve to the current period and rewrite the keystore before anything."""
+        provisioned = self._provisioned()
+        for i, member in enumerate(self.config.members):
+            if member.id not in provisioned:
+                raise self.config.error(
+                    f"members[{i}].id",
+                    f"{member.id!r} is not in the keystore: a new member needs device keys and "
+                    "a computer-key file; run `tvdnet-bridge provision` (SPEC §6)",
+                )
+        keys = self._keys
+        before = keys.period
+        target = min(self._period_now() or 1, self.schedule.periods)
+        if target > keys.period:
+            keys.evolve_to(target)
+        removed = sorted(provisioned - set(self.config.ids))
+        for vm in removed:
+            dropped = self._drop_keys(vm)
+            emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="start")
+        self._records()
+        if self._keystore is not None:
+            started = time.perf_counter()
+            await trio.to_thread.run_sync(self._keystore.write, self._keystore.snapshot())
+            self.keystore_period = keys.period
+            self.keystore_writes += 1
+            self.last_keystore_write_s = time.perf_counter() - started
+        emit(
+            logging.INFO,
+            "started",
+            tvd=self.tvd,
+            vms=len(self.config.members),
+            pairs=len(keys.pairs),
+            keys_from=before,
+            keys_at=keys.period,
+            keystore_ms=(self.last_keystore_write_s or 0) * 1000 if self._keystore else None,
+        )
+        self._members = self._member_lists()
+
+    def _drop_keys(self, vm: str) -> int:
+        if self._keystore is not None:
+            return self._keystore.drop_member(vm)
+        return self._keys.drop_member(vm)
+
+    def _member_lists(self) -> dict[str, tuple[Member, ...]]:
+        """Each VM's welcome list: itself and the members it shares a pair with."""
+        peers: dict[str, set[str]] = {vm: set() for vm in self.config.ids}
+        for pair in self._keys.pairs:
+            peers.setdefault(pair.lo, set()).add(pair.hi)
+            peers.setdefault(pair.hi, set()).add(pair.lo)
+        return {
+            m.id: tuple(
+                Member(other.id, other.address)
+                for other in self.config.members
+                if other.id == m.id or other.id in peers[m.id]
+            )
+            for m in self.config.members
+        }
+
+    def _welcome(self, vm: str) -> channel.Welcome:
+        return channel.Welcome(self.tvd, vm, self.schedule, self._members[vm])
+
+    def _new_worker(self, member: MemberConfig) -> Worker:
+        if isinstance(member.channel, CdromSwap):
+            return CdromWorker(
+                member.id, member.channel, self._clock, self._iso_dir, allow_dev=self._allow_dev
+            )
+        return ChannelWorker(
+            member.id,
+            member.channel,
+            self._welcome(member.id),
+            self._clock,
+            allow_dev=self._allow_dev,
+        )
+
+    def _launch(self, running: _Running) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._supervise, running, name=f"vm:{running.worker.vm}")
+
+    async def _supervise(self, running: _Running) -> None:
+        """Run one VM's worker; a bug in one VM's handling must not stop the others."""
+        delay = 1.0
+        with running.scope:
+            while True:
+                try:
+                    await running.worker.run()
+                    return
+                except Exception:
+                    logger.exception("event=worker-crashed vm=%s", running.worker.vm)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, BRIDGE_RECONNECT_MAX)
+
+    # ------------------------------------------------------------------ periods (U*)
+
+    async def _run_periods(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Begin each period at its start; `started` once the current update is out."""
+        schedule, clock = self.schedule, self._clock
+        started = False
+        t = self._period_now()
+        if t is None:
+            task_status.started()
+            started = True
+            emit(logging.INFO, "waiting-for-epoch", epoch=schedule.epoch)
+            await clock.sleep_until(schedule.epoch)
+            t = 1
+        while True:
+            if t > schedule.periods:
+                self._schedule_over()
+                if not started:
+                    task_status.started()
+                return
+            if t < self._keys.period:
+                emit(logging.ERROR, "clock-behind-keystore", now_t=t, keys_t=self._keys.period)
+                if not started:
+                    task_status.started()
+                    started = True
+                await clock.sleep_until(schedule.start(self._keys.period))
+                t = self._keys.period
+                continue
+            self._begin_period(t)
+            if not started:
+                task_status.started()
+                started = True
+            await clock.sleep_until(schedule.end(t))
+            # Woken at the end of t: t+1 has begun even if float rounding says a hair
+            # earlier; after a suspend, a later period may be current already.
+            t = max(t + 1, self._period_now() or t + 1)
+
+    def _begin_period(self, t: int) -> None:
+        started = time.perf_counter()
+        if t > self._keys.period:
+            self._keys.evolve_to(t)  # U*: dev_{t-1} overwritten in place (SPEC §3)
+            self._mark_keystore_dirty()
+        self.period = t
+        self._push(t)
+        emit(
+            logging.INFO,
+            "period",
+            t=t,
+            vms=len(self._running),
+            push_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _push(self, t: int, only: set[str] | None = None, *, members: bool = False) -> None:
+        """Hand period t's update to every worker (or to `only`); no VM is waited for."""
+        now = self._clock.now()
+        start, end = self.schedule.start(t), self.schedule.end(t)
+        partials = self._keys.all_partials()
+        try:
+            for vm, running in self._running.items():
+                if only is not None and vm not in only:
+                    continue
+                update = channel.Update(t, partials.get(vm, {}))
+                data = channel.encode(update)
+                running.worker.new_update(
+                    t, data, start, end, now, members=self._members[vm] if members else None
+                )
+        finally:
+            for mine in partials.values():
+                for partial in mine.values():
+                    partial[:] = bytes(len(partial))
+
+    def _schedule_over(self) -> None:
+        self.period = None
+        for running in self._running.values():
+            running.worker.drop_update()
+        emit(
+            logging.ERROR,
+            "schedule-ended",
+            periods=self.schedule.periods,
+            action="provision the TVD again",
+        )
+
+    # ------------------------------------------------------------------ the keystore
+
+    def _mark_keystore_dirty(self) -> None:
+        if self._keystore is not None:
+            self._keystore_dirty = True
+            self._keystore_wake.fire()
+
+    async def _write_keystore(self) -> None:
+        """Keep the file in step with memory: one write at a time, the newest state each time."""
+        keystore = self._keystore
+        assert keystore is not None
+        delay = BRIDGE_KEYSTORE_RETRY
+        while True:
+            if not self._keystore_dirty:
+                self._keystore_idle.fire()
+                await self._keystore_wake.wait()
+                continue
+            self._keystore_dirty = False
+            self._keystore_busy = True
+            period = self._keys.period
+            started = time.perf_counter()
+            try:
+                # scrypt, AES-GCM and fsync run in a thread: the event loop keeps serving.
+                await trio.to_thread.run_sync(keystore.write, keystore.snapshot())
+            except KeystoreError as exc:
+                self.keystore_errors += 1
+                self._keystore_dirty = True
+                emit(logging.ERROR, "keystore-write-failed", why=exc.problem, retry_s=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, BRIDGE_KEYSTORE_RETRY_MAX)
+                continue
+            finally:
+                self._keystore_busy = False
+            delay = BRIDGE_KEYSTORE_RETRY
+            self.keystore_period = period
+            self.keystore_writes += 1
+            self.last_keystore_write_s = time.perf_counter() - started
+            emit(logging.DEBUG, "keystore-written", t=period, ms=self.last_keystore_write_s * 1000)
+
+    async def _final_write(self) -> None:
+        if self._keystore is None or not self._keystore_dirty:
+            return
+        with trio.move_on_after(BRIDGE_SHUTDOWN_WRITE_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await trio.to_thread.run_sync(self._keystore.write, self._keystore.snapshot())
+                self._keystore_dirty = False
+                self.keystore_period = self._keys.period
+            except KeystoreError as exc:
+                emit(logging.ERROR, "keystore-write-failed", why=exc.problem, at="shutdown")
+
+    # ------------------------------------------------------------------ membership
+
+    async def reload(self, config: TvdConfig | None = None) -> ReloadResult:
+        """Re-read the TVD file (or take `config`): remove members, move channels, re-address.
+
+        Checks everything first; on any error (ConfigError, ReloadError, TransportRefused)
+        nothing has changed.
+        """
+        if config is None:
+            if self.config.path is None:
+                raise ReloadError("this bridge was not started from a TVD file")
+            config = await trio.to_thread.run_sync(load_config, self.config.path)
+        if config.tvd != self.tvd:
+            raise config.error("tvd", f"is {config.tvd!r}, but this bridge serves {self.tvd!r}")
+        config.check_schedule(self.schedule)
+        added = [vm for vm in config.ids if vm not in self._running]
+        if added:
+            raise ReloadError(
+                f"new member(s) {', '.join(added)}: a reload only removes members or changes "
+                "their addresses and channels; a new member needs device keys and a "
+                "computer-key file: run `tvdnet-bridge provision` (SPEC §6)"
+            )
+        _check_transports(config, self._allow_dev)
+        # From here on nothing awaits: the change is applied as one step.
+        removed = tuple(vm for vm in self._running if vm not in config.ids)
+        for vm in removed:
+            running = self._running.pop(vm)
+            running.scope.cancel()  # closes its connection
+            dropped = self._drop_keys(vm)
+            emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
+        old_members, self.config = self._members, config
+        self._members = self._member_lists()
+        self._records()
+        moved = []
+        for member in config.members:
+            running = self._running[member.id]
+            if running.worker.spec != member.channel:
+                running.scope.cancel()
+                self._running[member.id] = replacement = _Running(self._new_worker(member))
+                old, new = running.worker, replacement.worker
+                if isinstance(old, ChannelWorker) and isinstance(new, ChannelWorker):
+                    # The counters carry over; the new port starts with a hello anyway.
+                    new.channel.acked, new.channel.resends = old.channel.acked, old.channel.resends
+                self._launch(replacement)
+                moved.append(member.id)
+                emit(logging.INFO, "channel-moved", vm=member.id, port=member.channel)
+        told = {vm for vm, members in self._members.items() if old_members.get(vm) != members}
+        if self.period is not None:
+            # SPEC §5: `members`, followed at once by the current update.
+            self._push(self.period, only=told, members=True)
+            # A moved port's worker is new: it needs the current update for its first hello.
+            self._push(self.period, only=set(moved) - told)
+        else:
+            for vm in told:
+                worker = self._running[vm].worker
+                if isinstance(worker, ChannelWorker):
+                    worker.channel.set_welcome(self._welcome(vm))
+        self._mark_keystore_dirty()
+        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved))
+        emit(
+            logging.INFO,
+            "reloaded",
+            removed=",".join(removed) or None,
+            told=len(told),
+            moved=",".join(moved) or None,
+        )
+        return result
+
+
+@asynccontextmanager
+async def open_bridge(
+    config: TvdConfig,
+    device_keys: DeviceKeys,
+    *,
+    keystore: Keystore | None = None,
+    schedule: Schedule | None = None,
+    clock: WallClock | None = None,
+    allow_dev_transports: bool = False,
+    iso_dir: Path = DEFAULT_ISO_DIR,
+) -> AsyncIterator[Bridge]:
+    """Run a bridge for the TVD of `config` with `device_keys` until the block exits.
+
+    - `keystore`: the loaded keystore holding `device_keys`; it is rewritten at start and at
+      every period. Without one, the keys evolve in memory only (tests, in-process nodes).
+    - `schedule`: defaults to the keystore's, else the TVD file's (which then needs an epoch).
+    - `clock`: a `WallClock`; give `WallClock(offset=...)` under `trio.testing.MockClock`.
+    - `allow_dev_transports`: permit TCP and Unix sockets that others can reach (SPEC §5).
+
+    The keys are evolved to the current period and the keystore rewritten before any
+    channel is served (SPEC §1). On exit every connection is closed and the last state is
+    on disk.
+    """
+    if keystore is not None and keystore.device_keys is not device_keys:
+        raise ValueError("device_keys must be the keystore's own device_keys")
+    if schedule is None:
+        schedule = keystore.schedule if keystore is not None else config.schedule()
+    if device_keys.tvd != config.tvd:
+        raise config.error(
+            "tvd", f"is {config.tvd!r}, but the device keys are of {device_keys.tvd!r}"
+        )
+    config.check_schedule(schedule)
+    _check_transports(config, allow_dev_transports)
+    bridge = Bridge(
+        config,
+        device_keys,
+        schedule,
+        keystore,
+        clock or WallClock(),
+        allow_dev_transports,
+        iso_dir,
+    )
+    await bridge._start()
+    try:
+        async with trio.open_nursery() as nursery:
+            bridge._nursery = nursery
+            for member in config.members:
+                bridge._running[member.id] = _Running(bridge._new_worker(member))
+            # The current update is handed to every worker before any port is opened.
+            await nursery.start(bridge._run_periods, name="periods")
+            for running in bridge._running.values():
+                bridge._launch(running)
+            if keystore is not None:
+                nursery.start_soon(bridge._write_keystore, name="keystore")
+            try:
+                yield bridge
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        bridge._nursery = None
+        await bridge._final_write()
+        emit(logging.INFO, "stopped", tvd=bridge.tvd, keys_at=device_keys.period)

@@ -1,0 +1,259 @@
+"""`tvdnet-bridge`: provision, status and reload through `main`, and a real `run` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from bridge_fakes import Reference, clock_at, short_tmp, start_of, stream_config
+
+from device_bridge import _provision
+from device_bridge._cli import main
+from device_bridge._control import serve_control
+from device_bridge._daemon import open_bridge
+from device_bridge._keystore import Keystore
+from tvdnet.scheme import Provisioning, generate
+
+TVD = """\
+tvd = "cli-tvd"
+period_seconds = {period}
+periods = 100000
+[[members]]
+id = "vm-a"
+address = "127.0.0.1:7001"
+channel = "unix-listen:a.sock"
+[[members]]
+id = "vm-b"
+address = "127.0.0.1:7002"
+channel = "unix-listen:b.sock"
+"""
+PASSPHRASE = "cli passphrase"
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("TVDNET_KEYSTORE_SCRYPT_N", "16")
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[Reference]:
+    references: list[Reference] = []
+
+    def generate_and_keep(*args: Any, **kwargs: Any) -> Provisioning:
+        provisioning = generate(*args, **kwargs)
+        references.append(Reference(provisioning))
+        return provisioning
+
+    monkeypatch.setattr(_provision, "generate", generate_and_keep)
+    return references
+
+
+def tree(directory: Path) -> dict[Path, tuple[bytes, int]]:
+    return {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_provision_writes_the_keystore_and_the_exports(
+    tmp_path: Path, env: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tvd.toml").write_text(TVD.format(period=30.0))
+    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "move into VM 'vm-a'" in out and "delete them from this host" in out
+    keystore = Keystore.load(tmp_path / "out" / "keystore.json", bytearray(PASSPHRASE.encode()))
+    assert keystore.encrypted and keystore.tvd == "cli-tvd"
+    for vm in ("vm-a", "vm-b"):
+        assert os.stat(tmp_path / "out" / "export" / f"{vm}.keys").st_mode & 0o777 == 0o600
+    before = tree(tmp_path)
+    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+    monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", PASSPHRASE)  # read once, then removed
+    assert (
+        main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out"), "--force"])
+        == 0
+    )
+    assert tree(tmp_path) != before
+
+
+def test_provision_plaintext_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "tvd.toml").write_text(TVD.format(period=30.0))
+    args = ["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out"), "--plaintext"]
+    assert main(args) == 0
+    assert "UNENCRYPTED" in capsys.readouterr().err
+    assert '"encryption": "none"' in (tmp_path / "out" / "keystore.json").read_text()
+
+
+def test_a_malformed_tvd_file_is_named(
+    tmp_path: Path, env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tvd.toml"
+    path.write_text(TVD.format(period=30.0).replace('id = "vm-b"', 'id = "vm/b"'))
+    assert main(["provision", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert f"{path}:9: members[1].id:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_refuses_a_keystore_others_can_read(
+    tmp_path: Path, env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tvd.toml").write_text(TVD.format(period=30.0))
+    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 0
+    keystore = tmp_path / "out" / "keystore.json"
+    os.chmod(keystore, 0o644)
+    code = main(["run", "--config", str(tmp_path / "tvd.toml"), "--keystore", str(keystore)])
+    assert code == 1 and "lets group or others in" in capsys.readouterr().err
+
+
+def test_run_refuses_a_wrong_passphrase_and_changes_nothing(
+    tmp_path: Path, env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tvd.toml").write_text(TVD.format(period=30.0))
+    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 0
+    before = tree(tmp_path / "out")
+    monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", "not it")
+    keystore = tmp_path / "out" / "keystore.json"
+    code = main(["run", "--config", str(tmp_path / "tvd.toml"), "--keystore", str(keystore)])
+    assert code == 1 and "wrong passphrase" in capsys.readouterr().err
+    assert tree(tmp_path / "out") == before
+
+
+async def test_status_prints_a_table(
+    capsys: pytest.CaptureFixture[str], mock_clock: trio.testing.MockClock
+) -> None:
+    config, _ = stream_config(("vm-a", "vm-b"))
+    provisioning = generate("test-tvd", ("vm-a", "vm-b"))
+    with short_tmp() as tmp:
+        control = tmp / "ctl" / "control.sock"
+        async with (
+            open_bridge(
+                config, provisioning.for_bridge(1), clock=clock_at(start_of(6) + 1)
+            ) as bridge,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(serve_control, bridge, control)
+            code = await trio.to_thread.run_sync(main, ["status", "--control", str(control)])
+            json_code = await trio.to_thread.run_sync(
+                main, ["status", "--json", "--control", str(control)]
+            )
+            nursery.cancel_scope.cancel()
+    assert code == 0 and json_code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "TVD test-tvd: period 6 of 1000 (10 s); keystore at period -"
+    assert lines[1].split() == [
+        "VM", "CONNECTED", "STATE", "ACKED", "LAG", "RESENDS", "STUCK", "LATENCY_MS", "CHANNEL"
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "vm-a",
+        "no",
+        "disconnected",
+        "-",
+        "6",
+        "0",
+        "0",
+        "-",
+        "stream:vm-a",
+    ]
+    assert json.loads("\n".join(lines[4:]))["vms"][1]["vm"] == "vm-b"
+
+
+def test_status_without_a_bridge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--control", str(tmp_path / "nothing.sock")]) == 1
+    assert "no bridge answers" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the real daemon
+
+
+def _connect(path: Path, process: subprocess.Popen[str]) -> socket.socket:
+    deadline = time.monotonic() + 60  # a loaded machine may take long to start Python
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if process.poll() is not None:
+                raise AssertionError(f"the bridge exited: {process.communicate()[1]}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_real_daemon_serves_a_guest_and_stops_cleanly_on_sigterm(
+    env: None, captured: list[Reference], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with short_tmp() as tmp:
+        (tmp / "tvd.toml").write_text(TVD.format(period=0.5))
+        assert main(["provision", str(tmp / "tvd.toml"), "--out", str(tmp / "out")]) == 0
+        reference = captured[0]
+        keystore_path = tmp / "out" / "keystore.json"
+        schedule = Keystore.load(keystore_path, bytearray(PASSPHRASE.encode())).schedule
+        command = [
+            str(Path(sys.executable).parent / "tvdnet-bridge"),
+            "run",
+            "--config", str(tmp / "tvd.toml"),
+            "--keystore", str(keystore_path),
+            "--control", str(tmp / "ctl" / "control.sock"),
+            "--log-level", "DEBUG",
+        ]  # fmt: skip
+        # The in-process provision took the passphrase out of this environment.
+        environment = dict(os.environ, TVDNET_KEYSTORE_PASSPHRASE=PASSPHRASE)
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+        try:
+            guest = _connect(tmp / "a.sock", process)
+            guest.settimeout(60)
+            guest.sendall(msgpack.packb({"type": "hello", "v": 1, "vm": "vm-a", "have": 0}))
+            unpacker = msgpack.Unpacker(raw=False)
+            updates: dict[int, dict[str, bytes]] = {}
+            kinds = []
+            arrivals: list[int] = []
+            while len(updates) < 4:
+                unpacker.feed(guest.recv(1 << 16))
+                for message in unpacker:
+                    kinds.append(message["type"])
+                    if message["type"] == "update":
+                        updates[message["t"]] = message["partials"]
+                        arrivals.append(message["t"])
+                        ack = {"type": "ack", "t": message["t"], "applied": 1, "missing": []}
+                        guest.sendall(msgpack.packb(ack))
+            assert kinds[0] == "welcome"
+            # Periods only move forward (a loaded machine may delay an ack past the 1 s
+            # re-send, or wake the bridge a period late: it then skips to the current one).
+            assert arrivals == sorted(arrivals)
+            for t, partials in updates.items():
+                assert partials == {"vm-b": reference.partials("vm-a", t)["vm-b"]}
+            assert main(["status", "--control", str(tmp / "ctl" / "control.sock")]) == 0
+            assert "vm-a  yes" in capsys.readouterr().out
+            guest.close()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        log = process.stderr.read() if process.stderr else ""
+        if process.stderr:
+            process.stderr.close()
+        assert "event=stopping signal=SIGTERM" in log and "event=stopped" in log
+        assert "Traceback" not in log
+        keystore = Keystore.load(keystore_path, bytearray(PASSPHRASE.encode()))
+        assert keystore.device_keys.period >= max(updates)
+        assert schedule.period_at(time.time()) >= keystore.device_keys.period
+        assert not (tmp / "ctl" / "control.sock").exists()

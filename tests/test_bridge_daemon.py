@@ -1,0 +1,457 @@
+"""The bridge daemon against fake guests over every transport, in mock time (SPEC §3, §5).
+
+Every expected partial is recomputed from the provisioning output with the SPEC §3
+formulas (`bridge_fakes.Reference`), never taken from the bridge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import tty
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from bridge_fakes import (
+    SCHEDULE,
+    FakeGuest,
+    Reference,
+    clock_at,
+    partials_bytes,
+    short_tmp,
+    start_of,
+    stream_config,
+)
+
+from device_bridge import _transports
+from device_bridge._config import MemberConfig, TvdConfig
+from device_bridge._daemon import open_bridge
+from device_bridge._errors import ReloadError, TransportRefused
+from device_bridge._transports import (
+    ChannelSpec,
+    SerialLine,
+    StreamPort,
+    TcpConnect,
+    TcpListen,
+    UnixConnect,
+    UnixListen,
+)
+from tvdnet import channel
+from tvdnet.scheme import Pair, Schedule, generate
+
+IDS = ("vm-a", "vm-b", "vm-c")
+
+
+@dataclass
+class Link:
+    """How a fake guest reaches vm-a's port over one transport."""
+
+    spec: ChannelSpec
+    connect: Callable[[], Awaitable[trio.abc.Stream]]
+    hangs_up: bool  # False for a pty: the bridge resets the channel instead of closing
+
+
+async def _retry(opener: Callable[[], Awaitable[trio.abc.Stream]]) -> trio.abc.Stream:
+    while True:  # the bridge may not be listening yet
+        try:
+            return await opener()
+        except OSError:
+            await trio.sleep(0.05)
+
+
+def raw_pty() -> tuple[int, int]:
+    """A pty in raw mode from the start, as QEMU's `-chardev pty` makes it: bytes that the
+    guest writes before the bridge opens the pty must not be echoed or translated."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    return master, slave
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def link(kind: str) -> AsyncIterator[Link]:
+    with short_tmp() as tmp:
+        if kind == "stream":
+            port = StreamPort("vm-a")
+            yield Link(port, port.connect, True)
+        elif kind == "memory":
+            port = StreamPort("vm-a")
+
+            async def attach() -> trio.abc.Stream:
+                bridge_end, guest_end = trio.testing.memory_stream_pair()
+                await port.attach(bridge_end)
+                return guest_end
+
+            yield Link(port, attach, True)
+        elif kind == "unix":  # QEMU server=on: the guest side listens, the bridge connects
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.bind(str(tmp / "a.sock"))
+            sock.listen(1)
+            async with trio.SocketListener(sock) as listener:
+                yield Link(UnixConnect(tmp / "a.sock"), listener.accept, True)
+        elif kind == "unix-listen":
+            path = tmp / "a.sock"
+            yield Link(
+                UnixListen(path), lambda: _retry(lambda: trio.open_unix_socket(str(path))), True
+            )
+        elif kind == "tcp":
+            port_number = _free_port()
+            yield Link(
+                TcpListen("127.0.0.1", port_number),
+                lambda: _retry(lambda: trio.open_tcp_stream("127.0.0.1", port_number)),
+                True,
+            )
+        elif kind == "tcp-connect":
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            async with listeners[0] as listener:
+                port_number = listener.socket.getsockname()[1]
+                yield Link(TcpConnect("127.0.0.1", port_number), listener.accept, True)
+        elif kind == "pty":
+            master, slave = raw_pty()
+            try:
+
+                async def guest_end() -> trio.abc.Stream:
+                    return trio.lowlevel.FdStream(os.dup(master))
+
+                yield Link(SerialLine("pty", Path(os.ttyname(slave))), guest_end, False)
+            finally:
+                os.close(master)
+                os.close(slave)
+        else:
+            raise AssertionError(kind)
+
+
+def tvd_with(
+    spec: ChannelSpec, ids: tuple[str, ...] = IDS
+) -> tuple[TvdConfig, dict[str, StreamPort]]:
+    """vm-a on `spec`, the others on stream ports."""
+    config, ports = stream_config(ids)
+    members = (MemberConfig("vm-a", config.members[0].address, spec), *config.members[1:])
+    return TvdConfig.for_schedule(config.tvd, SCHEDULE, members), ports
+
+
+KINDS = ["stream", "memory", "unix", "unix-listen", "tcp", "tcp-connect", "pty"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_updates_every_period_over_every_transport(
+    kind: str, io_clock: trio.testing.MockClock
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    reference = Reference(provisioning)
+    clock = clock_at(start_of(3) + 2.5)
+    async with link(kind) as guest_link:
+        config, _ = tvd_with(guest_link.spec)
+        async with (
+            open_bridge(
+                config, provisioning.for_bridge(1), clock=clock, allow_dev_transports=True
+            ) as bridge,
+            trio.open_nursery() as nursery,
+        ):
+            guest = FakeGuest("vm-a", await guest_link.connect(), clock)
+            nursery.start_soon(guest.run)
+            await guest.hello_until_welcome()
+            (welcome,) = guest.of(channel.Welcome)
+            assert welcome == channel.Welcome(
+                "test-tvd",
+                "vm-a",
+                SCHEDULE,
+                tuple(channel.Member(m.id, m.address) for m in config.members),
+            )
+            updates = await guest.wait_for(channel.Update, 3)
+            assert [u.t for u in updates] == [3, 4, 5]
+            for update in updates:
+                assert partials_bytes(update) == reference.partials("vm-a", update.t)
+            arrivals = [r.at for r in guest.updates()]
+            assert arrivals[1:] == [start_of(4), start_of(5)]  # at the period start exactly
+            await bridge.wait_acked("vm-a", 5)
+            status = bridge.status().vms[0]
+            assert (status.vm, status.connected, status.acked, status.lag) == ("vm-a", True, 5, 0)
+            assert status.resends == 0 and status.last_latency == 0.0
+
+            # The VM goes away and comes back (reboot, QEMU restart): welcome and the
+            # current update again, though it was acknowledged.
+            if guest_link.hangs_up:
+                await guest.stream.aclose()
+                guest = FakeGuest("vm-a", await guest_link.connect(), clock)
+                nursery.start_soon(guest.run)
+            else:
+                guest.received.clear()
+                await guest.stream.send_all(b"\xc1")  # a pty cannot hang up: garbage resets it
+                assert await guest.wait_for(channel.Error) == [channel.Error("bad-message")]
+            await guest.hello(have=5)
+            await guest.wait_for(channel.Welcome)
+            (again,) = await guest.wait_for(channel.Update)
+            assert again.t == 5 and partials_bytes(again) == reference.partials("vm-a", 5)
+            assert bridge.status().vms[0].connections == (2 if guest_link.hangs_up else 1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_unacknowledged_update_is_resent_with_backoff_until_its_period_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(2) - 0.5)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        guest = FakeGuest("vm-a", await ports["vm-a"].connect(), clock, ack=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.run)
+            await guest.hello()
+            await trio.sleep_until(clock.trio_time(start_of(3) + 0.5))
+            sent = [(r.message.t, round(r.at - start_of(2), 6)) for r in guest.updates()]
+            # t=1 at hello; its period ends before a re-send is due. Then t=2 at its start
+            # and 1, 2, 4 s later; the next would fall after the end of period 2 (10 s).
+            assert sent == [(1, -0.5), (2, 0.0), (2, 1.0), (2, 3.0), (2, 7.0), (3, 10.0)]
+            assert bridge.status().vms[0].resends == 3
+            # An ack stops the re-sends of period 3.
+            await guest.send(channel.Ack(3, 2, ()))
+            await trio.sleep_until(clock.trio_time(start_of(4) - 0.1))
+            assert [r.message.t for r in guest.updates()][-1] == 3
+            assert len([r for r in guest.updates() if r.message.t == 3]) == 1
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["stream", "unix-listen", "pty"])
+async def test_a_hello_naming_another_vm_gets_wrong_vm_and_nothing_else(
+    kind: str, io_clock: trio.testing.MockClock
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    clock = clock_at(start_of(2) + 1)
+    async with link(kind) as guest_link:
+        config, _ = tvd_with(guest_link.spec)
+        async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+            stream = await guest_link.connect()
+            guest = FakeGuest("vm-a", stream, clock)
+            while not bridge.status().vms[0].connected:  # a pty drops what comes before
+                await trio.sleep(0.1)
+            await guest.hello("vm-b")
+            if guest_link.hangs_up:
+                with trio.fail_after(5):
+                    await guest.run()  # returns at EOF: the bridge hung up
+                assert [r.message for r in guest.received] == [channel.Error("wrong-vm")]
+                stream = await guest_link.connect()  # the VM may try again
+                guest = FakeGuest("vm-a", stream, clock)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guest.run)
+                if not guest_link.hangs_up:
+                    assert await guest.wait_for(channel.Error) == [channel.Error("wrong-vm")]
+                    await trio.sleep(0.5)
+                    assert guest.of(channel.Welcome) == []  # nothing else
+                await guest.hello()
+                await guest.wait_for(channel.Update)
+                await bridge.wait_acked("vm-a", 2)
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xc1\xc1\xc1",  # never valid msgpack
+        channel.encode(channel.Update(2, {})),  # a message only a bridge may send
+        b"\x81\xa4type\xa5hello",  # a hello without its fields
+        b"\xc6" + (2 << 20).to_bytes(4, "big") + bytes(1 << 20) + bytes(64 << 10),  # oversized
+    ],
+    ids=["undecodable", "wrong-direction", "incomplete-hello", "oversized"],
+)
+async def test_garbage_or_an_oversized_message_is_bad_message_and_a_disconnect(
+    garbage: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(2) + 1)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        guest = FakeGuest("vm-a", await ports["vm-a"].connect(), clock)
+
+        async def send_garbage() -> None:
+            try:
+                await guest.stream.send_all(garbage)
+            except trio.BrokenResourceError:
+                pass  # the bridge hung up before reading all of it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_garbage)
+            with trio.fail_after(5):
+                await guest.run()  # until EOF
+        assert [r.message for r in guest.received] == [channel.Error("bad-message")]
+        # The VM may reconnect and is served as if nothing had happened.
+        guest = FakeGuest("vm-a", await ports["vm-a"].connect(), clock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.run)
+            await guest.hello()
+            await guest.wait_for(channel.Update)
+            await bridge.wait_acked("vm-a", 2)
+            nursery.cancel_scope.cancel()
+
+
+async def test_200_vms_at_once_while_one_never_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A star around vm-001, the paper's 1 : N case: vm-001 gets 199 partials, the others one.
+    ids = tuple(f"vm-{i:03d}" for i in range(200))
+    pairs = [("vm-001", vm) for vm in ids if vm != "vm-001"]
+    provisioning = generate("big", ids, pairs=pairs)
+    reference = Reference(provisioning)
+    config, ports = stream_config(ids, tvd="big", pairs="star:vm-001")
+    clock = clock_at(start_of(2) - 1.0)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        async with trio.open_nursery() as nursery:
+            # vm-000 asks and asks and never reads: the bridge's writes to it block.
+            stuck = await ports["vm-000"].connect()
+            await stuck.send_all(channel.encode(channel.Hello("vm-000", 0)) * 5000)
+            guests = []
+            for vm in ids[1:]:
+                guest = FakeGuest(vm, await ports[vm].connect(), clock)
+                guests.append(guest)
+                nursery.start_soon(guest.run)
+                await guest.hello()
+            await trio.sleep_until(clock.trio_time(start_of(4) + 1.0))
+            for guest in guests:
+                updates = guest.updates()
+                assert [u.message.t for u in updates] == [1, 2, 3, 4]
+                for update in updates[1:]:  # every period start: within 100 ms
+                    assert update.at - start_of(update.message.t) < 0.1
+                    assert partials_bytes(update.message) == reference.partials(
+                        guest.vm, update.message.t
+                    )
+            assert len(guests[0].updates()[-1].message.partials) == 199  # the hub
+            stuck_status = next(s for s in bridge.status().vms if s.vm == "vm-000")
+            assert stuck_status.stuck >= 1 and not stuck_status.connected
+            assert all(s.acked == 4 for s in bridge.status().vms if s.vm != "vm-000")
+            nursery.cancel_scope.cancel()
+        await stuck.aclose()
+
+
+async def test_before_the_epoch_and_after_the_last_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    schedule = Schedule(SCHEDULE.epoch, 10.0, 2)
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS, schedule=schedule)
+    clock = clock_at(schedule.epoch - 5.0)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        guest = FakeGuest("vm-a", await ports["vm-a"].connect(), clock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.run)
+            await guest.hello()
+            await guest.wait_for(channel.Welcome)
+            assert bridge.period is None and guest.updates() == []  # no period before the epoch
+            await trio.sleep_until(clock.trio_time(schedule.epoch + 25.0))
+            assert [(u.message.t, u.at) for u in guest.updates()] == [
+                (1, schedule.epoch),
+                (2, schedule.start(2)),
+            ]
+            assert bridge.period is None  # the schedule is over: no period 3
+            await guest.hello()
+            await guest.wait_for(channel.Welcome, 2)
+            await trio.sleep(1)
+            assert len(guest.updates()) == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_pty_whose_guest_went_away_is_reopened_without_a_busy_loop(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[float] = []
+    real_open = _transports.open_serial
+
+    def counting_open(path: str | os.PathLike[str]) -> trio.lowlevel.FdStream:
+        opened.append(trio.current_time())
+        return real_open(path)
+
+    monkeypatch.setattr(_transports, "open_serial", counting_open)
+    provisioning = generate("test-tvd", IDS)
+    clock = clock_at(start_of(2) + 1)
+    master, slave = raw_pty()
+    path = Path(os.ttyname(slave))
+    config, _ = tvd_with(SerialLine("pty", path))
+    os.close(slave)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock):
+        await trio.sleep(1)
+        assert len(opened) == 1
+        os.close(master)  # the guest end is gone: EIO on the bridge's side, and no such pty
+        await trio.sleep(60)
+    assert 4 <= len(opened) <= 20  # 0.5 s, doubling to 5 s: about one attempt per 5 s
+    gaps = [b - a for a, b in itertools.pairwise(opened)]
+    assert min(gaps) >= 0.5
+
+
+async def test_development_transports_need_the_option() -> None:
+    provisioning = generate("test-tvd", IDS)
+    config, _ = tvd_with(TcpListen("127.0.0.1", _free_port()))
+    with pytest.raises(TransportRefused, match=r"member 'vm-a': TCP on loopback"):
+        async with open_bridge(config, provisioning.for_bridge(1), clock=clock_at(start_of(2))):
+            pass
+
+
+async def test_a_member_the_keys_do_not_know_is_refused() -> None:
+    provisioning = generate("test-tvd", IDS[:2])
+    config, _ = stream_config(IDS)
+    with pytest.raises(Exception, match=r"'vm-c' is not in the keystore.*provision"):
+        async with open_bridge(config, provisioning.for_bridge(1), clock=clock_at(start_of(2))):
+            pass
+
+
+async def test_reload_removes_a_member_and_tells_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    reference = Reference(provisioning)
+    keys = provisioning.for_bridge(1)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(3) + 1)
+    async with open_bridge(config, keys, clock=clock) as bridge:
+        guests = {vm: FakeGuest(vm, await ports[vm].connect(), clock) for vm in IDS}
+        async with trio.open_nursery() as nursery:
+            for guest in guests.values():
+                nursery.start_soon(guest.run)
+                await guest.hello()
+            for vm in IDS:
+                await bridge.wait_acked(vm, 3)
+            smaller = TvdConfig.for_schedule("test-tvd", SCHEDULE, config.members[:2])
+            result = await bridge.reload(smaller)
+            assert result.removed == ("vm-c",) and result.told == ("vm-a", "vm-b")
+            assert keys.pairs == [Pair("vm-a", "vm-b")]  # vm-c's device keys are erased
+            for vm in ("vm-a", "vm-b"):
+                guest = guests[vm]
+                (members,) = await guest.wait_for(channel.Members)
+                assert [m.id for m in members.members] == ["vm-a", "vm-b"]
+                # SPEC §5: `members`, followed at once by the current update, without vm-c.
+                last_two = [r.message for r in guest.received[-2:]]
+                assert last_two[0] == members and isinstance(last_two[1], channel.Update)
+                assert last_two[1].t == 3
+                peer = "vm-b" if vm == "vm-a" else "vm-a"
+                assert partials_bytes(last_two[1]) == {peer: reference.partials(vm, 3)[peer]}
+            with trio.fail_after(5):
+                await guests["vm-c"].eof.wait()  # its channel was closed
+            assert bridge.vms == ("vm-a", "vm-b")
+            # Adding a member is refused and changes nothing.
+            with pytest.raises(ReloadError, match="provision"):
+                await bridge.reload(config)
+            assert bridge.vms == ("vm-a", "vm-b")
+            await trio.sleep_until(clock.trio_time(start_of(4) + 1))
+            update = guests["vm-a"].updates()[-1].message
+            assert update.t == 4 and list(update.partials) == ["vm-b"]
+            nursery.cancel_scope.cancel()
+
+
+def test_all_partials_is_partials_for_of_every_member() -> None:
+    provisioning = generate("test-tvd", ("a", "b", "c", "d"), pairs=[("a", "b"), ("a", "c")])
+    keys = provisioning.for_bridge(4)
+    everything = keys.all_partials()
+    assert set(everything) == {"a", "b", "c"}  # d has no pair
+    for vm, mine in everything.items():
+        assert {peer: bytes(p) for peer, p in mine.items()} == keys.partials_for(vm)
+    everything["b"]["a"][:] = bytes(32)  # each member's copy is its own to zero
+    assert bytes(everything["a"]["b"]) == keys.partials_for("a")["b"]
