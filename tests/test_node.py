@@ -1,4 +1,4 @@
-"""Nodes in one trio run, with keys pushed over socketpairs and peers on loopback TCP."""
+"""Nodes and the real bridge in one trio run: key channels on Unix sockets, TCP peers."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ async def test_a_bridge_outage_longer_than_a_period_loses_nothing(
     async with h.running():
         await h.wait_keys()
         a, b = h.nodes["vm-a"], h.nodes["vm-b"]
-        h.bridge_up = False
+        h.stop_bridge()
         await trio.sleep(15)  # periods end, no update comes: keys are erased
         assert a.period is None
         assert a.status()["cut_off"] is True
@@ -101,8 +101,7 @@ async def test_a_bridge_outage_longer_than_a_period_loses_nothing(
             nursery.start_soon(send_while_cut_off)
             await trio.sleep(3)
             assert not delivered.is_set()  # nothing is sealed without a key
-            h.bridge_up = True
-            h.push_all()
+            await h.start_bridge()
         message = await b.receive()
         assert message.body == "queued while cut off"
         assert message.period == h.schedule.period_at(h.clock.now())
