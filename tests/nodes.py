@@ -18,16 +18,9 @@ import trio
 
 from device_bridge import Bridge, MemberConfig, TvdConfig, UnixListen, open_bridge
 from tvdnet import KeyChannelSpec, Node, NodeConfig, WallClock, open_node
+from tvdnet._forge import period_key_from
 from tvdnet.keyfile import write_computer_keys
-from tvdnet.scheme import (
-    DeviceKeys,
-    Pair,
-    Schedule,
-    computer_update,
-    device_update,
-    evolve_device_key,
-    generate,
-)
+from tvdnet.scheme import DeviceKeys, Pair, Schedule, generate
 
 EPOCH = 1_800_000_000.0
 
@@ -86,13 +79,9 @@ class Harness:
 
     def period_key(self, a: str, b: str, t: int) -> bytes:
         """SK_t of pair {a, b}, computed from scratch (G, U*, U), for forging test frames."""
-        dev = self._dev_1[Pair.of(a, b)]
-        for period in range(1, t):
-            dev = evolve_device_key(dev, self.tvd, a, b, period)
-        partial = device_update(dev, self.tvd, a, b, t)
         comp = self._computer[a].get(b)
         assert comp is not None
-        return computer_update(partial, comp, self.tvd, a, b, t)
+        return period_key_from(self._dev_1[Pair.of(a, b)], 1, comp, self.tvd, a, b, t)
 
     def external_config(self, vm: str) -> NodeConfig:
         """The config of an external member's node: it reaches the same bridge."""

@@ -3,16 +3,15 @@ while the node keeps serving its real peers."""
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
-import msgpack
 import pytest
 import trio
 import trio.testing
 from nodes import Harness
 
+from tvdnet import _forge
 from tvdnet import _frames as frames
 from tvdnet._constants import FRAME_LIMIT
 
@@ -30,58 +29,14 @@ async def close_raw_peers() -> Any:
     RawPeer.opened.clear()
 
 
-class RawPeer:
-    """A hand-driven TCP client speaking SPEC §4 frames to a node."""
+class RawPeer(_forge.RawPeer):
+    """`tvdnet._forge.RawPeer`, closed after each test."""
 
     opened: ClassVar[list[RawPeer]] = []
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+        super().__init__(stream)
         RawPeer.opened.append(self)
-        self.unpacker = msgpack.Unpacker(raw=False)
-        self.nonce = secrets.token_bytes(16)
-        self.instance = secrets.token_bytes(8)
-        self.n = 0
-        self.peer_hello: list[Any] | None = None
-
-    @classmethod
-    async def connect(cls, port: int) -> RawPeer:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def hello(self, tvd: str, sender: str, receiver: str) -> None:
-        await self.send(frames.encode_hello(tvd, sender, receiver, self.nonce, self.instance))
-
-    async def frame(self) -> list[Any] | None:
-        """The next frame from the node, or None at EOF."""
-        while True:
-            for obj in self.unpacker:
-                if obj[0] == frames.HELLO and self.peer_hello is None:
-                    self.peer_hello = obj
-                return list(obj)
-            with trio.fail_after(30):
-                data = await self.stream.receive_some()
-            if not data:
-                return None
-            self.unpacker.feed(data)
-
-    async def until(self, kind: int) -> list[Any] | None:
-        while (frame := await self.frame()) is not None:
-            if frame[0] == kind:
-                return frame
-        return None
-
-    def data(self, period_key: bytes, tvd: str, me: str, peer: str, t: int, inner: Any) -> bytes:
-        assert self.peer_hello is not None
-        key = frames.traffic_key(
-            period_key, tvd, me, peer, t,
-            self.nonce, self.peer_hello[5], self.instance, self.peer_hello[6],
-        )  # fmt: skip
-        frame = frames.seal_data(frames.new_aead(key), t, self.n, msgpack.packb(inner))
-        self.n += 1
-        return frame
 
 
 async def still_serving(h: Harness) -> None:
