@@ -31,7 +31,7 @@ say "up vm=$TVD_vm ip=$TVD_ip"
 # The computer-key file moves into the VM (SPEC §6): a private copy on the guest's tmpfs.
 mkdir -p /run/tvdnet
 mount -t tmpfs -o mode=0700 tmpfs /run/tvdnet
-cp "/host$TVD_run/export/$TVD_vm.keys" /run/tvdnet/ || say "no key file"
+cp "/host$TVD_run/out/export/$TVD_vm.keys" /run/tvdnet/ || say "no key file"
 chmod 600 "/run/tvdnet/$TVD_vm.keys"
 
 # The guest's Python is in this initramfs (e2e/bundle.py); the host's share is only the

@@ -157,7 +157,7 @@ class Guest:
                        "multidevs=remap",
             "-device", "virtio-rng-pci",
             "-netdev", f"tap,id=n0,ifname=tap{self.index},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=n0,mac=52:54:00:10:00:{self.index + 1:02x}",
+            "-device", f"virtio-net-pci,netdev=n0,mac=52:54:00:10:00:{self.index + 1:02x},romfile=",
             "-device", "virtio-serial-pci", *chardevs,
             "-drive", "if=none,id=cd0,media=cdrom",
             "-device", "ide-cd,drive=cd0,id=cdrom0",
@@ -294,7 +294,12 @@ async def measure(guest: Guest, reps: int) -> list[dict[str, Any]]:
                             await port.send_all(update)
                         else:
                             image = write_update_image(iso_dir, f"{t}.iso", update)
-                            await qmp.change_medium("cdrom0", image)
+                            # force: the guest's reads lock the tray now and then.
+                            await qmp.execute(
+                                "blockdev-change-medium",
+                                {"id": "cdrom0", "filename": str(image), "format": "raw",
+                                 "force": True},
+                            )  # fmt: skip
                         await acked(t)
                     elapsed = time.perf_counter() - start
                     rows.append({"approach": approach, "k": k, "ms": elapsed * 1000})
@@ -335,6 +340,7 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     started = time.monotonic()
     with Netns(f"tvdnet-e2e-{os.getpid()}"):
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
             try:
                 for guest in guests:
                     await guest.start(nursery)
@@ -379,6 +385,15 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     summary["total_s"] = round(time.monotonic() - started, 1)
     check(guests, bridge, summary)
     return summary
+
+
+async def _stop_on_sigterm(scope: trio.CancelScope) -> None:
+    """SIGTERM (a timeout, an operator) cancels the run, so that cleanup still happens."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            print("e2e: SIGTERM: stopping", file=sys.stderr, flush=True)
+            scope.cancel()
+            return
 
 
 def check(guests: list[Guest], bridge: BridgeProcess, summary: dict[str, Any]) -> None:
