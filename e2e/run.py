@@ -329,6 +329,7 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
         "addresses": {vm: f"{IPS[vm]}:{NODE_PORT}" for vm in VMS},
         "duration": args.duration,
         "interval": 1.0,
+        "min_messages": 8,
         "send_timeout": 120.0,
         "ready_timeout": 600.0,
         "attack": {"attacker": "vm-c", "victim": "vm-a"},
