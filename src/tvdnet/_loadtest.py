@@ -245,6 +245,11 @@ class Run:
                             f"see its log (--keep DIR)"
                         )
                     if message["type"] == kind:
+                        if message.get("failed"):
+                            raise RuntimeError(
+                                f"worker {i}: {message['failed']} peers could not reach the "
+                                "hub (see its log: --keep DIR)"
+                            )
                         said[i] = message
                         progress.advance(task)
             return [said[i] for i in range(len(workers))]
@@ -264,7 +269,7 @@ class Run:
             self.phases["start"] = time.monotonic() - began
             await tell(b"connect\n")
             began = time.monotonic()
-            connected = await phase("connected", 600, progress.task("connecting", len(workers)))
+            connected = await phase("connected", 1800, progress.task("connecting", len(workers)))
             self.phases["connect"] = time.monotonic() - began
             self.per_peer_kib = connected[0]["per_peer_kib"]
             await tell(b"go\n")
@@ -289,7 +294,10 @@ class Run:
             progress.update(traffic, self.args.duration)
             await tell(b"stop\n")
             began = time.monotonic()
-            await phase("final", 300, progress.task("draining", len(workers)))
+            # Two steps, so that no receiver counts before every sender saw its acks.
+            await phase("drained", 300, progress.task("draining", len(workers)))
+            await tell(b"report\n")
+            await phase("final", 300, progress.task("reporting", len(workers)))
             self.phases["drain"] = time.monotonic() - began
 
     async def _bridge_status(self, control: Path) -> dict[str, Any]:

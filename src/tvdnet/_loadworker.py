@@ -13,6 +13,8 @@ phases:
     worker -> `connected`   (the hub's carries `per_peer_kib`)
     <- `go`                 traffic at the rate, both ways; a `tick` a second
     <- `stop`               stop sending, let what is in flight be acknowledged
+    worker -> `drained`     nothing this worker sent is unacknowledged
+    <- `report`             (every worker drained) take what is left in the inboxes
     worker -> `final`       the report is in the file the spec named
 
 Bodies are `[sender, seq, monotonic send time, padding]`, so that receivers can tell a
@@ -156,13 +158,24 @@ class _Commands:
         return line.strip() or "eof"
 
 
-async def _connect_peers(nodes: list[Node], targets: dict[str, list[str]], pad: bytes,
-                         tally: Tally) -> None:  # fmt: skip
-    """Each peer's message 0 to the hub, acknowledged: every connection is up."""
+async def _connect_peers(
+    nodes: list[Node], targets: dict[str, list[str]], pad: bytes, tally: Tally, ramp: int
+) -> None:
+    """Each peer's message 0 to the hub, acknowledged: every connection is up.
+
+    At most `ramp` at a time per worker: a thousand handshakes at once on a busy machine
+    would outlast the handshake timeout and retry in waves, which measures nothing.
+    """
+    limiter = trio.CapacityLimiter(ramp)
+
+    async def one(node: Node, peer: str) -> None:
+        async with limiter:
+            await tally.send(node, peer, 0, pad)
+
     async with trio.open_nursery() as nursery:
         for node in nodes:
             for peer in targets.get(node.vm, []):
-                nursery.start_soon(tally.send, node, peer, 0, pad)
+                nursery.start_soon(one, node, peer)
 
 
 async def _hub_measure(hub: Node, tally: Tally, rss_before: int) -> float:
@@ -197,8 +210,11 @@ async def run(spec: dict[str, Any]) -> None:
         if hub:
             per_peer_kib = await _hub_measure(nodes[0], tally, rss_before)
         else:
-            await _connect_peers(nodes, targets, pad, tally)
-        _emit("connected", per_peer_kib=per_peer_kib, rss_kb=_rss_kb())
+            await _connect_peers(nodes, targets, pad, tally, spec.get("ramp", 32))
+        _emit(
+            "connected", per_peer_kib=per_peer_kib, failed=sum(tally.failed.values()),
+            rss_kb=_rss_kb(),
+        )  # fmt: skip
         if await commands.next() != "go":
             return
         stop = trio.Event()
@@ -225,13 +241,20 @@ async def run(spec: dict[str, Any]) -> None:
         nursery.start_soon(ticks)
         await commands.next()  # "stop" (or EOF: the orchestrator went away)
         stop.set()
-        # Let what is in flight be acknowledged, then report.
+        # Let what this worker sent be acknowledged...
         with trio.move_on_after(spec.get("drain", 60)):
             while tally.in_flight or any(
                 n._session.unacknowledged(p) for n in nodes for p in n.peers
             ):
                 await trio.sleep(0.1)
-            await trio.sleep(1.0)  # the last deliveries reach the receivers' tallies
+        _emit("drained")
+        # ...and once every worker has said so, every acknowledged message sits in its
+        # receiver's inbox or was taken from it: take the rest, then count.
+        await commands.next()  # "report"
+        with trio.move_on_after(spec.get("drain", 60)):
+            while any(n._inbox for n in nodes):
+                await trio.sleep(0.05)
+            await trio.sleep(0.1)  # the receiver tasks finish what they took
         totals: Counter[str] = Counter()
         for node in nodes:
             totals.update(node.stats)
