@@ -146,7 +146,10 @@ async def _serve_qmp(listener: trio.SocketListener, guest: _Guest, clock: WallCl
             await stream.send_all(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
             buffer = bytearray()
             while True:
-                data = await stream.receive_some(65536)
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return  # the bridge hangs up after each swap, sometimes with a reset
                 if not data:
                     return
                 buffer += data
