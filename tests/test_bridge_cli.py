@@ -169,7 +169,14 @@ async def test_status_prints_a_table(
         "-",
         "stream:vm-a",
     ]
-    assert json.loads("\n".join(lines[4:]))["vms"][1]["vm"] == "vm-b"
+    # Period 6 went out when the bridge started, 1 s into it, with no VM connected.
+    assert lines[4] == (
+        "Update of period 6: acked by 0 of the 0 VMs connected at its start; "
+        "all 1000.0 ms after the start"
+    )
+    status = json.loads("\n".join(lines[5:]))
+    assert status["vms"][1]["vm"] == "vm-b"
+    assert status["key_updates"][-1]["t"] == 6
 
 
 def test_status_without_a_bridge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

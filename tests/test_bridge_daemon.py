@@ -223,6 +223,47 @@ async def test_an_unacknowledged_update_is_resent_with_backoff_until_its_period_
             nursery.cancel_scope.cancel()
 
 
+async def test_each_period_records_its_start_to_the_last_connected_vms_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(2) - 1.0)
+    async with (
+        open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge,
+        trio.open_nursery() as nursery,
+    ):
+        guests = {
+            vm: FakeGuest(vm, await ports[vm].connect(), clock, ack=vm != "vm-c") for vm in IDS
+        }
+        for guest in guests.values():
+            nursery.start_soon(guest.run)
+            await guest.hello()
+        # Period 2: vm-a and vm-b ack at once, vm-c 250 ms after the period start.
+        await trio.sleep_until(clock.trio_time(start_of(2) + 0.25))
+        await guests["vm-c"].send(channel.Ack(2, 2, ()))
+        await bridge.wait_acked("vm-c", 2)
+        # Period 3: vm-c goes away before acking it: the period never completes.
+        await trio.sleep_until(clock.trio_time(start_of(3) + 0.5))
+        await guests["vm-c"].stream.aclose()
+        # Period 4: only the two connected VMs are waited for.
+        await trio.sleep_until(clock.trio_time(start_of(4) + 1.0))
+        records = [r.to_json() for r in bridge.status().key_updates]
+        assert records == [
+            # Period 1 went out at the bridge's start, 9 s into it, to nobody yet.
+            {"t": 1, "vms": 0, "acked": 0, "pushed_ms": 9000.0, "last_ack_ms": None,
+             "all_acked_ms": 9000.0},
+            {"t": 2, "vms": 3, "acked": 3, "pushed_ms": 0.0, "last_ack_ms": 250.0,
+             "all_acked_ms": 250.0},
+            {"t": 3, "vms": 3, "acked": 2, "pushed_ms": 0.0, "last_ack_ms": 0.0,
+             "all_acked_ms": None},
+            {"t": 4, "vms": 2, "acked": 2, "pushed_ms": 0.0, "last_ack_ms": 0.0,
+             "all_acked_ms": 0.0},
+        ]  # fmt: skip
+        assert bridge.status().to_json()["key_updates"] == records
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("kind", ["stream", "unix-listen", "pty"])
 async def test_a_hello_naming_another_vm_gets_wrong_vm_and_nothing_else(
     kind: str, io_clock: trio.testing.MockClock
@@ -329,6 +370,18 @@ async def test_200_vms_at_once_while_one_never_reads(
             stuck_status = next(s for s in bridge.status().vms if s.vm == "vm-000")
             assert stuck_status.stuck >= 1 and not stuck_status.connected
             assert all(s.acked == 4 for s in bridge.status().vms if s.vm != "vm-000")
+            # Periods 3 and 4 went to the 199 VMs still connected (vm-000 was dropped as
+            # stuck during period 2, which therefore never completed).
+            rollouts = {r.t: r for r in bridge.status().key_updates}
+            assert (rollouts[2].vms, rollouts[2].acked, rollouts[2].all_acked_after) == (
+                200,
+                199,
+                None,
+            )
+            for t in (3, 4):
+                assert (rollouts[t].vms, rollouts[t].acked) == (199, 199)
+                assert rollouts[t].all_acked_after is not None
+                assert rollouts[t].all_acked_after < 0.1
             nursery.cancel_scope.cancel()
         await stuck.aclose()
 

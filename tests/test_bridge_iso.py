@@ -212,6 +212,11 @@ async def test_the_bridge_swaps_each_periods_image_and_deletes_it(
                 await bridge.wait_acked("vm-a", 4)
                 status = bridge.status().vms[0]
                 assert (status.acked, status.state, status.connected) == (4, "cdrom", True)
+                # A swap counts as the ack of approach I: period 4 waited for vm-a only
+                # (the stream ports are not connected) and was complete once swapped in.
+                rollout = bridge.status().key_updates[-1]
+                assert (rollout.t, rollout.vms, rollout.acked) == (4, 1, 1)
+                assert rollout.all_acked_after is not None
             nursery.cancel_scope.cancel()
         assert [swap["id"] for swap in qemu.swaps] == ["cdrom0", "cdrom0"]
         assert list(shm.iterdir()) == []  # SPEC §5: deleted after the swap

@@ -225,6 +225,11 @@ async def test_status_and_reload_over_the_control_socket(
             assert rows["vm-a"]["connected"] is True and rows["vm-a"]["acked"] == 3
             assert rows["vm-a"]["lag"] == 0 and rows["vm-a"]["last_latency"] == 0.0
             assert rows["vm-b"]["connected"] is False and rows["vm-b"]["lag"] == 3
+            # Period 3 went out at the start, 1 s into it, before any VM was connected.
+            assert status["key_updates"] == [
+                {"t": 3, "vms": 0, "acked": 0, "pushed_ms": 1000.0, "last_ack_ms": None,
+                 "all_acked_ms": 1000.0}
+            ]  # fmt: skip
 
             tvd_file.write_text(without_vm_c(tvd_file.read_text()))
             answer = await ask(control, "reload")
@@ -304,6 +309,9 @@ async def test_metrics_on_loopback(mock_clock: trio.testing.MockClock) -> None:
             nursery.start_soon(guest.run)
             await guest.hello()
             await bridge.wait_acked("vm-a", 4)
+            # Period 5 begins with vm-a connected: the one VM it waits for acks at once.
+            mock_clock.jump(clock.trio_time(start_of(5)) - trio.current_time())
+            await bridge.wait_acked("vm-a", 5)
             metrics = start_metrics(bridge, 0)
             try:
                 assert metrics.server.server_address[0] == "127.0.0.1"
@@ -313,11 +321,12 @@ async def test_metrics_on_loopback(mock_clock: trio.testing.MockClock) -> None:
                 await trio.to_thread.run_sync(metrics.close)
             nursery.cancel_scope.cancel()
     for line in (
-        "tvdnet_bridge_period 4.0",
+        "tvdnet_bridge_period 5.0",
+        "tvdnet_bridge_key_update_seconds 0.0",
         'tvdnet_bridge_vm_connected{vm="vm-a"} 1.0',
         'tvdnet_bridge_vm_connected{vm="vm-b"} 0.0',
-        'tvdnet_bridge_vm_acked_period{vm="vm-a"} 4.0',
-        'tvdnet_bridge_vm_lag_periods{vm="vm-b"} 4.0',
+        'tvdnet_bridge_vm_acked_period{vm="vm-a"} 5.0',
+        'tvdnet_bridge_vm_lag_periods{vm="vm-b"} 5.0',
         'tvdnet_bridge_vm_resends_total{vm="vm-a"} 0.0',
         'tvdnet_bridge_vm_ack_latency_seconds{vm="vm-a"} 0.0',
     ):

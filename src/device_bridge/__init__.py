@@ -26,6 +26,8 @@ Public API:
 - `open_bridge(config, device_keys, *, keystore=None, schedule=None, clock=None,
   allow_dev_transports=False, iso_dir=DEFAULT_ISO_DIR)`: async context manager -> `Bridge`
   (`status()`, `reload(config=None)`, `wait_acked(vm, t)`, `wait_keystore()`, `period`).
+  `status().key_updates`: for each recent period, a `KeyUpdate` (period start to the ack
+  of the last VM that was connected at its start).
 - `TvdConfig`, `MemberConfig`, `load_config(path)`: the TVD file.
 - Transports: `StreamPort` (hand the bridge streams in code), `parse_channel(text)` and the
   specs it returns (`UnixConnect`, `UnixListen`, `SerialLine`, `TcpListen`, `TcpConnect`,
@@ -58,6 +60,7 @@ from ._iso import (
 )
 from ._keystore import Keystore, MemberRecord
 from ._provision import ProvisionResult, provision
+from ._rollout import KeyUpdate
 from ._transports import (
     CdromSwap,
     ChannelSpec,
@@ -83,6 +86,7 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "IsoError",
+    "KeyUpdate",
     "Keystore",
     "KeystoreError",
     "MemberConfig",

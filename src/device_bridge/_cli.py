@@ -264,6 +264,15 @@ def print_status(status: dict[str, Any]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+    updates = status.get("key_updates") or []
+    if updates:
+        last = updates[-1]
+        done = last["all_acked_ms"]
+        print(
+            f"Update of period {last['t']}: acked by {last['acked']} of the {last['vms']} VMs "
+            "connected at its start; "
+            + (f"all {done:.1f} ms after the start" if done is not None else "waiting")
+        )
 
 
 def _control(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ from ._errors import KeystoreError, ReloadError, TransportRefused
 from ._iso import DEFAULT_ISO_DIR
 from ._keystore import Keystore, MemberRecord
 from ._log import emit, logger
+from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
 from ._transports import CdromSwap, development_reason
 from ._worker import CdromWorker, ChannelWorker, VmStatus, Worker
@@ -61,6 +62,7 @@ class BridgeStatus:
     keystore_period: int | None  # the period of the device keys on disk
     keystore_errors: int
     vms: tuple[VmStatus, ...]
+    key_updates: tuple[KeyUpdate, ...] = ()  # recent periods: start to the last VM's ack
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -73,6 +75,7 @@ class BridgeStatus:
             "keystore_period": self.keystore_period,
             "keystore_errors": self.keystore_errors,
             "vms": [vm.to_json() for vm in self.vms],
+            "key_updates": [update.to_json() for update in self.key_updates],
         }
 
 
@@ -125,6 +128,7 @@ class Bridge:
         self._nursery: trio.Nursery | None = None
         self.period: int | None = None  # the period whose updates are out
         self._members: dict[str, tuple[Member, ...]] = {}  # each VM's welcome member list
+        self._rollouts = RolloutLog()
         self._keystore_dirty = False
         self._keystore_busy = False
         self._keystore_wake = Signal()
@@ -156,6 +160,7 @@ class Bridge:
             keystore_period=self.keystore_period,
             keystore_errors=self.keystore_errors,
             vms=tuple(r.worker.status(self.period) for r in self._running.values()),
+            key_updates=self._rollouts.snapshot(),
         )
 
     def worker(self, vm: str) -> Worker:
@@ -258,7 +263,12 @@ class Bridge:
     def _new_worker(self, member: MemberConfig) -> Worker:
         if isinstance(member.channel, CdromSwap):
             return CdromWorker(
-                member.id, member.channel, self._clock, self._iso_dir, allow_dev=self._allow_dev
+                member.id,
+                member.channel,
+                self._clock,
+                self._iso_dir,
+                allow_dev=self._allow_dev,
+                on_acked=self._rollouts.acked,
             )
         return ChannelWorker(
             member.id,
@@ -266,6 +276,7 @@ class Bridge:
             self._welcome(member.id),
             self._clock,
             allow_dev=self._allow_dev,
+            on_acked=self._rollouts.acked,
         )
 
     def _launch(self, running: _Running) -> None:
@@ -329,6 +340,9 @@ class Bridge:
             self._keys.evolve_to(t)  # U*: dev_{t-1} overwritten in place (SPEC §3)
             self._mark_keystore_dirty()
         self.period = t
+        # Opened before the push: an ack can only come after it, but never miss one.
+        connected = [vm for vm, r in self._running.items() if r.worker.connected]
+        self._rollouts.begin(t, self.schedule.start(t), self._clock.now(), connected)
         self._push(t)
         emit(
             logging.INFO,
@@ -448,6 +462,7 @@ class Bridge:
             running = self._running.pop(vm)
             running.scope.cancel()  # closes its connection
             dropped = self._drop_keys(vm)
+            self._rollouts.forget(vm)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
         old_members, self.config = self._members, config
         self._members = self._member_lists()

@@ -49,6 +49,14 @@ class _BridgeCollector(Collector):
             "The period of the device keys in the keystore on disk.",
             value=status.keystore_period or 0,
         )
+        complete = [u for u in status.key_updates if u.all_acked_after is not None and u.vms]
+        if complete:
+            yield GaugeMetricFamily(
+                "tvdnet_bridge_key_update_seconds",
+                "From the start of the newest period every connected VM acknowledged to the "
+                "last of those acks.",
+                value=complete[-1].all_acked_after,
+            )
         yield CounterMetricFamily(
             "tvdnet_bridge_keystore_errors",
             "Keystore writes that failed (and were retried).",

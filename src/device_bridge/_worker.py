@@ -23,6 +23,7 @@ import math
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,16 @@ from ._transports import (
 )
 from ._vmchannel import Acked, NodeSaid, Refused, VmChannel
 
-__all__ = ["CdromWorker", "ChannelWorker", "VmStatus", "Worker"]
+__all__ = ["CdromWorker", "ChannelWorker", "OnAcked", "VmStatus", "Worker"]
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+OnAcked = Callable[[str, int, float], None]
+"""Told (vm, t, now) when a VM acknowledges period t (approach I: when t is swapped in)."""
+
+
+def _ignore_ack(vm: str, t: int, now: float) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +128,14 @@ class ChannelWorker:
         clock: WallClock,
         *,
         allow_dev: bool = False,
+        on_acked: OnAcked = _ignore_ack,
     ) -> None:
         self.vm = vm
         self.spec = spec
         self.channel = VmChannel(vm, welcome)
         self._clock = clock
         self._allow_dev = allow_dev
+        self._on_acked = on_acked
         self._wake = Signal()  # output queued, or a deadline may have moved
         self._drained = Signal()  # the writer emptied the queue
         self._acked_signal = Signal()
@@ -207,6 +217,7 @@ class ChannelWorker:
                 )
                 if missing:
                     emit(logging.WARNING, "missing-keys", vm=self.vm, t=t, peers=",".join(missing))
+                self._on_acked(self.vm, t, now)
                 self._acked_signal.fire()
             case NodeSaid(reason):
                 level = logging.ERROR if reason == channel.SCHEDULE else logging.WARNING
@@ -408,11 +419,19 @@ class CdromWorker:
     """
 
     def __init__(
-        self, vm: str, spec: CdromSwap, clock: WallClock, iso_dir: Path, *, allow_dev: bool = False
+        self,
+        vm: str,
+        spec: CdromSwap,
+        clock: WallClock,
+        iso_dir: Path,
+        *,
+        allow_dev: bool = False,
+        on_acked: OnAcked = _ignore_ack,
     ) -> None:
         self.vm = vm
         self.spec = spec
         self._clock = clock
+        self._on_acked = on_acked
         self._iso_dir = iso_dir
         self._allow_dev = allow_dev
         self._wake = Signal()
@@ -514,6 +533,7 @@ class CdromWorker:
         self.swapped = max(self.swapped, t)
         self.last_latency = self._clock.now() - started
         emit(logging.INFO, "swapped", vm=self.vm, t=t, latency_ms=self.last_latency * 1000)
+        self._on_acked(self.vm, t, self._clock.now())
         self._acked_signal.fire()
         return True
 

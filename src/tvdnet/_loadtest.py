@@ -50,6 +50,7 @@ def add_loadtest_parser(commands: Any) -> None:
     p.add_argument("--plot", type=Path, help="write throughput and latency over time (PNG)")
     p.add_argument("--keep", type=Path, help="keep the TVD files and logs in this directory")
     p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--bridge-log-level", default="WARNING", help=argparse.SUPPRESS)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -86,11 +87,13 @@ class Run:
         self.dir = workdir
         self.peers = [f"p{i:04d}" for i in range(1, args.peers + 1)]
         self.members = [HUB, *self.peers]
-        self.ticks: list[dict[str, Any]] = []
         self.finals: list[dict[str, Any]] = []
-        self.ready: list[dict[str, Any]] = []
         self.rss: dict[str, float] = {}
         self.epoch = 0.0
+        self.started = self.stopped = self.mono_started = 0.0
+        self.per_peer_kib: float | None = None
+        self.bridge_status: dict[str, Any] = {}
+        self.phases: dict[str, float] = {}  # seconds each phase took (starting, connecting...)
 
     # ------------------------------------------------------------------ setup
 
@@ -118,15 +121,15 @@ class Run:
         self.tvd_file = self.dir / "tvd.toml"
         self.tvd_file.write_text("\n".join(lines) + "\n")
         self.keys = self.dir / "keys"
-        subprocess_run(
-            [
-                _bridge_command(),
-                "provision",
-                str(self.tvd_file),
-                "--out",
-                str(self.keys),
-                "--plaintext",
-            ]
+        # G in-process (what `tvdnet-bridge provision --plaintext` does, without a second
+        # interpreter start, which takes many seconds on a busy machine).
+        from device_bridge import load_config, provision
+
+        provision(
+            load_config(self.tvd_file),
+            self.keys / "keystore.json",
+            self.keys / "export",
+            passphrase=None,
         )
 
     def node_config(self, vm: str) -> dict[str, Any]:
@@ -145,7 +148,6 @@ class Run:
             "role": "hub",
             "nodes": [self.node_config(HUB)],
             "targets": {HUB: self.peers},
-            "start_delay": 1.0,  # peers dial first: fewer crossing connections
             "seed": 0,
         }
         specs = [hub]
@@ -161,48 +163,58 @@ class Run:
                     "seed": w + 1,
                 }
             )
+        for i, spec in enumerate(specs):
+            spec["final"] = str(self.dir / f"worker-{i}.final.json")
         return specs
 
     # ------------------------------------------------------------------ running
 
     async def main(self) -> dict[str, Any]:
+        began = time.monotonic()
         self.provision()
-        control = self.dir / "bridge.control"
+        self.phases["provision"] = time.monotonic() - began
+        control = self.dir / "control" / "bridge.sock"
         logs = self.dir / "logs"
         logs.mkdir()
         async with trio.open_nursery() as nursery:
             command = [_bridge_command(), "run", "--config", str(self.tvd_file)]
             command += ["--keystore", str(self.keys / "keystore.json")]
-            command += ["--control", str(control), "--log-level", "WARNING"]
-            bridge = await trio.lowlevel.open_process(
-                command, stderr=(logs / "bridge.log").open("wb")
-            )
+            command += ["--control", str(control), "--log-level", self.args.bridge_log_level]
+            with (logs / "bridge.log").open("wb") as log:
+                bridge = await trio.lowlevel.open_process(command, stderr=log)
             workers = []
-            for i, spec in enumerate(self.worker_specs()):
+            specs = self.worker_specs()
+            for i, spec in enumerate(specs):
                 path = self.dir / f"worker-{i}.json"
                 path.write_text(json.dumps(spec))
-                proc = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "tvdnet._loadworker", str(path)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=(logs / f"worker-{i}.log").open("wb"),
-                )
+                with (logs / f"worker-{i}.log").open("wb") as log:
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "tvdnet._loadworker", str(path)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=log,
+                    )
                 workers.append(proc)
             try:
                 await self._drive(nursery, workers)
-                self.key_updates = await self._bridge_status(control)
+                self.finals = [json.loads(Path(spec["final"]).read_text()) for spec in specs]
+                began = time.monotonic()
+                self.bridge_status = await self._bridge_status(control)
+                self.phases["bridge_status"] = time.monotonic() - began
                 self.rss["bridge"] = _peak_rss_of(bridge.pid)
             finally:
+                began = time.monotonic()
                 for proc in [*workers, bridge]:
                     if proc.returncode is None:
                         proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
+                with trio.move_on_after(30):
                     for proc in [*workers, bridge]:
                         await proc.wait()
                 for proc in [*workers, bridge]:
                     if proc.returncode is None:
                         proc.kill()
                         await proc.wait()
+                self.phases["stop"] = time.monotonic() - began
             nursery.cancel_scope.cancel()
         return self.report()
 
@@ -212,120 +224,181 @@ class Run:
 
         async def read(i: int, proc: trio.Process) -> None:
             assert proc.stdout is not None
-            buffer = b""
+            buffer = bytearray()
             async for chunk in proc.stdout:
                 buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
+                *complete, rest = buffer.split(b"\n")
+                buffer = bytearray(rest)
+                for line in complete:
                     await lines.send((i, json.loads(line)))
+            await lines.send((i, {"type": "exited", "code": await proc.wait()}))
+
+        async def phase(kind: str, timeout: float, task: int) -> list[dict[str, Any]]:
+            """Wait until every worker said `kind`; a worker that exits first is an error."""
+            said: dict[int, dict[str, Any]] = {}
+            with trio.fail_after(timeout):
+                while len(said) < len(workers):
+                    i, message = await incoming.receive()
+                    if message["type"] == "exited" and i not in said:
+                        raise RuntimeError(
+                            f"worker {i} exited ({message['code']}) before {kind!r}; "
+                            f"see its log (--keep DIR)"
+                        )
+                    if message["type"] == kind:
+                        if message.get("failed"):
+                            raise RuntimeError(
+                                f"worker {i}: {message['failed']} peers could not reach the "
+                                "hub (see its log: --keep DIR)"
+                            )
+                        said[i] = message
+                        progress.advance(task)
+            return [said[i] for i in range(len(workers))]
+
+        async def tell(command: bytes) -> None:
+            for proc in workers:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(command)
 
         for i, proc in enumerate(workers):
             nursery.start_soon(read, i, proc)
         progress = _Progress(self.args.quiet)
         with progress:
-            ready = progress.task("starting nodes", total=len(workers))
-            with trio.fail_after(600):
-                while len(self.ready) < len(workers):
-                    _, message = await incoming.receive()
-                    if message["type"] == "ready":
-                        self.ready.append(message)
-                        progress.advance(ready)
-            for proc in workers:
-                assert proc.stdin is not None
-                await proc.stdin.send_all(b"go\n")
+            # Generous: on a busy 2-core machine 1,200 nodes take minutes to start.
+            began = time.monotonic()
+            await phase("ready", 900, progress.task("starting nodes", len(workers)))
+            self.phases["start"] = time.monotonic() - began
+            await tell(b"connect\n")
+            began = time.monotonic()
+            connected = await phase("connected", 1800, progress.task("connecting", len(workers)))
+            self.phases["connect"] = time.monotonic() - began
+            self.per_peer_kib = connected[0]["per_peer_kib"]
+            await tell(b"go\n")
             self.started = time.time()
-            traffic = progress.task("traffic", total=self.args.duration)
+            self.mono_started = time.monotonic()
+            traffic = progress.task("traffic", self.args.duration)
+            acked: dict[int, int] = {}
+            p99: dict[int, float] = {}
             with trio.move_on_after(self.args.duration):
-                async for _, message in incoming:
+                async for i, message in incoming:
+                    if message["type"] == "exited":
+                        raise RuntimeError(f"worker {i} exited ({message['code']}) mid-run")
                     if message["type"] == "tick":
-                        self.ticks.append(message)
-                    progress.update(traffic, time.time() - self.started)
+                        acked[i], p99[i] = message["acked"], message["p99_ms"]
+                        worst = max((v for v in p99.values() if not math.isnan(v)), default=0)
+                        progress.update(
+                            traffic,
+                            time.time() - self.started,
+                            f"traffic {sum(acked.values()):>6,} msg/s  p99 {worst:6.1f} ms",
+                        )
             self.stopped = time.time()
             progress.update(traffic, self.args.duration)
-            for proc in workers:
-                assert proc.stdin is not None
-                await proc.stdin.send_all(b"stop\n")
-            draining = progress.task("draining", total=len(workers))
-            with trio.fail_after(180):
-                while len(self.finals) < len(workers):
-                    i, message = await incoming.receive()
-                    if message["type"] == "final":
-                        self.finals.append(message)
-                        name = "hub" if message["role"] == "hub" else f"worker-{i}"
-                        self.rss[name] = message["peak_rss_mb"]
-                        progress.advance(draining)
+            await tell(b"stop\n")
+            began = time.monotonic()
+            # Two steps, so that no receiver counts before every sender saw its acks.
+            await phase("drained", 300, progress.task("draining", len(workers)))
+            await tell(b"report\n")
+            await phase("final", 300, progress.task("reporting", len(workers)))
+            self.phases["drain"] = time.monotonic() - began
 
     async def _bridge_status(self, control: Path) -> dict[str, Any]:
-        result = await trio.run_process(
-            [_bridge_command(), "status", "--json", "--control", str(control)],
-            capture_stdout=True,
-            check=False,
-        )
+        """What `tvdnet-bridge status --json` prints, asked over the control socket."""
+        from device_bridge import BridgeError
+        from device_bridge._control import control_request
+
         try:
-            status: dict[str, Any] = json.loads(result.stdout)
-        except ValueError:
+            answer = await trio.to_thread.run_sync(control_request, control, "status")
+        except BridgeError:
             return {}
+        status: dict[str, Any] = answer.get("status", {})
         return status
 
     # ------------------------------------------------------------------ report
+
+    def _key_updates(self) -> tuple[list[float], int]:
+        """Period start to the last VM's ack, for the periods that began during traffic;
+        and how many of those periods some VM connected at their start never acked."""
+        status = self.bridge_status
+        if not status:
+            return [], 0
+        epoch, period_s = status["epoch"], status["period_s"]
+        done: list[float] = []
+        incomplete = 0
+        for update in status.get("key_updates", []):
+            start = epoch + (update["t"] - 1) * period_s
+            if not self.started <= start < self.stopped or update["vms"] == 0:
+                continue
+            if update["all_acked_ms"] is None:
+                incomplete += 1
+            else:
+                done.append(update["all_acked_ms"])
+        return done, incomplete
 
     def report(self) -> dict[str, Any]:
         sent: Counter[str] = Counter()
         received: Counter[str] = Counter()
         stats: Counter[str] = Counter()
-        latencies: list[float] = []
-        one_way: list[float] = []
-        duplicates = gaps = 0
         failed: Counter[str] = Counter()
+        timed: list[tuple[float, float]] = []  # (seconds into traffic, latency ms)
+        one_way: list[float] = []
+        duplicates = gaps = in_flight = 0
         for final in self.finals:
             sent.update(final["sent_by"])
             received.update(final["received"])
             stats.update(final["stats"])
-            latencies += final["latencies_ms"]
+            failed.update(final["failed"])
             one_way += final["one_way_ms"]
             duplicates += final["duplicates"]
             gaps += final["gaps"]
-            failed.update(final["failed"])
+            in_flight += final["in_flight"]
+            timed += [(at - self.mono_started, ms) for at, ms in final["latencies"]]
         # A message counts as lost when its send() returned (acknowledged) but its
         # receiver never saw it: per pair, messages arrive in order, so the receiver's
-        # count is the highest in-order seq + 1.
+        # count is the highest in-order seq + 1. A gap is a loss seen by the receiver.
         lost = sum(max(0, n - received.get(pair, 0)) for pair, n in sent.items()) + gaps
         duration = self.stopped - self.started
-        hub_final = next(f for f in self.finals if f["role"] == "hub")
-        periods = self.key_updates.get("periods", []) if self.key_updates else []
-        key_ms = [p["all_acked_ms"] for p in periods if p.get("all_acked_ms") is not None]
+        in_window = [ms for at, ms in timed if 0 <= at < duration]
+        hub = self.finals[0]
+        hub_latencies = [ms for at, ms in hub["latencies"] if at >= self.mono_started]
+        key_ms, incomplete = self._key_updates()
+        period = self.args.period
         rotations = sum(
             1
-            for t in range(1, 1_000_000)
-            if self.started < self.epoch + t * self.args.period < self.stopped
+            for t in range(int((self.started - self.epoch) / period) + 1, 1_000_000)
+            if self.epoch + t * period < self.stopped
         )
+        self.rss.update({"hub": hub["peak_rss_mb"]})
+        for i, final in enumerate(self.finals[1:], start=1):
+            self.rss[f"worker-{i}"] = final["peak_rss_mb"]
         return {
             "peers": len(self.peers),
             "duration_s": round(duration, 3),
-            "period_s": self.args.period,
+            "period_s": period,
             "rate_per_peer": self.args.rate,
             "size": self.args.size,
             "processes": len(self.finals) - 1,
             "lost": lost,
             "duplicates": duplicates,
-            "unacknowledged": dict(failed),
-            "messages": sum(sent.values()),
-            "messages_per_s": round(sum(sent.values()) / duration, 1),
+            "unacknowledged": {**failed, "in_flight_at_end": in_flight},
+            "messages": len(in_window),
+            "messages_per_s": round(len(in_window) / duration, 1),
             "latency_ms": {
-                "p50": _percentile(latencies, 0.5),
-                "p99": _percentile(latencies, 0.99),
-                "p999": _percentile(latencies, 0.999),
+                "p50": _percentile(in_window, 0.5),
+                "p99": _percentile(in_window, 0.99),
+                "p999": _percentile(in_window, 0.999),
             },
             "hub_latency_ms": {
-                "p50": _percentile(hub_final["latencies_ms"], 0.5),
-                "p99": _percentile(hub_final["latencies_ms"], 0.99),
+                "p50": _percentile(hub_latencies, 0.5),
+                "p99": _percentile(hub_latencies, 0.99),
+                "p999": _percentile(hub_latencies, 0.999),
             },
             "one_way_ms": {"p50": _percentile(one_way, 0.5), "p99": _percentile(one_way, 0.99)},
             "key_update_ms": {
                 "p50": _percentile(key_ms, 0.5),
                 "max": max(key_ms) if key_ms else math.nan,
                 "periods": len(key_ms),
+                "incomplete": incomplete,
             },
+            "key_updates": self.bridge_status.get("key_updates", []),
             "resends": stats["resends"],
             "rejects": {
                 "expired": stats["rejected_expired"],
@@ -334,19 +407,35 @@ class Run:
             },
             "rotations": rotations,
             "peak_rss_mb": {k: round(v, 1) for k, v in self.rss.items()},
-            "hub_per_peer_state_kb": hub_final.get("per_peer_state_kb"),
-            "timeline": self._timeline(),
+            "hub_per_peer_kib": (
+                None if self.per_peer_kib is None else round(self.per_peer_kib, 2)
+            ),
+            "phases_s": {k: round(v, 1) for k, v in self.phases.items()},
+            "timeline": _timeline(timed, duration),
+            "period_changes_s": [
+                round(self.epoch + t * period - self.started, 3)
+                for t in range(1, 1_000_000)
+                if self.epoch + t * period < self.stopped
+                and self.epoch + t * period >= self.started
+            ],
         }
 
-    def _timeline(self) -> list[dict[str, Any]]:
-        by_second: dict[int, dict[str, Any]] = {}
-        for tick in self.ticks:
-            second = int(tick["at"] - self.started)
-            slot = by_second.setdefault(second, {"t": second, "acked": 0, "p99_ms": 0.0})
-            slot["acked"] += tick["acked"]
-            if not math.isnan(tick["p99_ms"]):
-                slot["p99_ms"] = max(slot["p99_ms"], tick["p99_ms"])
-        return [by_second[k] for k in sorted(by_second)]
+
+def _timeline(timed: list[tuple[float, float]], duration: float) -> list[dict[str, Any]]:
+    """Per second of traffic: messages acknowledged (by when they were sent) and latency."""
+    seconds: dict[int, list[float]] = {s: [] for s in range(math.ceil(duration))}
+    for at, ms in timed:
+        if 0 <= at < duration:
+            seconds.setdefault(int(at), []).append(ms)
+    return [
+        {
+            "t": s,
+            "acked": len(values),
+            "p50_ms": _percentile(values, 0.5),
+            "p99_ms": _percentile(values, 0.99),
+        }
+        for s, values in sorted(seconds.items())
+    ]
 
 
 class _Progress:
@@ -358,7 +447,7 @@ class _Progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(
-                TextColumn("{task.description:>15}"),
+                TextColumn("{task.description:>40}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
                 TimeElapsedColumn(),
@@ -380,20 +469,14 @@ class _Progress:
         if self._bar is not None:
             self._bar.advance(task)
 
-    def update(self, task: int, completed: float) -> None:
+    def update(self, task: int, completed: float, description: str | None = None) -> None:
         if self._bar is not None:
-            self._bar.update(task, completed=completed)
+            self._bar.update(task, completed=completed, description=description)
 
 
 def _bridge_command() -> str:
     found = shutil.which("tvdnet-bridge", path=str(Path(sys.executable).parent))
     return found or "tvdnet-bridge"
-
-
-def subprocess_run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:2])} failed: {result.stderr.strip()}")
 
 
 def _peak_rss_of(pid: int) -> float:
@@ -412,7 +495,8 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"tvdnet loadtest: 1 hub, {report['peers']} peers, {report['duration_s']} s"
+        title=f"tvdnet loadtest: 1 hub, {report['peers']} peers, {report['duration_s']} s, "
+        f"periods of {report['period_s']:g} s"
     )
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -420,16 +504,19 @@ def print_report(report: dict[str, Any]) -> None:
     hub = report["hub_latency_ms"]
     keys = report["key_update_ms"]
     rejects = report["rejects"]
-    per_peer = report["hub_per_peer_state_kb"]
+    per_peer = report["hub_per_peer_kib"]
     rows = [
         ("lost", report["lost"]),
         ("duplicates", report["duplicates"]),
+        ("unacknowledged", ", ".join(f"{k} {v}" for k, v in report["unacknowledged"].items())),
         ("messages acknowledged", report["messages"]),
         ("messages/s", report["messages_per_s"]),
         ("latency p50 / p99 / p99.9 ms",
          f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['p999']:.1f}"),
-        ("hub latency p50 / p99 ms", f"{hub['p50']:.1f} / {hub['p99']:.1f}"),
+        ("hub latency p50 / p99 / p99.9 ms",
+         f"{hub['p50']:.1f} / {hub['p99']:.1f} / {hub['p999']:.1f}"),
         ("key update p50 / max ms", f"{keys['p50']:.1f} / {keys['max']:.1f}"),
+        ("key updates measured / incomplete", f"{keys['periods']} / {keys['incomplete']}"),
         ("rotations", report["rotations"]),
         ("resends", report["resends"]),
         ("rejects expired / unknown / auth",
@@ -442,30 +529,46 @@ def print_report(report: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def plot(report: dict[str, Any], path: Path, period: float, epoch_offset: float) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timeline = report["timeline"]
-    seconds = [row["t"] for row in timeline]
+    seconds = [row["t"] + 0.5 for row in timeline]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
     top.plot(seconds, [row["acked"] for row in timeline], color="tab:blue")
     top.set_ylabel("messages acknowledged / s")
-    bottom.plot(seconds, [row["p99_ms"] for row in timeline], color="tab:red")
-    bottom.set_ylabel("p99 latency, ms")
-    bottom.set_xlabel("seconds since traffic started")
-    first = period - (epoch_offset % period)
-    change = first
-    while seconds and change <= seconds[-1]:
+    top.set_ylim(bottom=0)
+    bottom.plot(seconds, [row["p50_ms"] for row in timeline], color="tab:green", label="p50")
+    bottom.plot(seconds, [row["p99_ms"] for row in timeline], color="tab:red", label="p99")
+    bottom.set_ylabel("send to ack, ms")
+    bottom.set_yscale("log")
+    bottom.legend(loc="upper right")
+    bottom.set_xlabel("seconds since traffic started (by send time)")
+    for change in report["period_changes_s"]:
         for axis in (top, bottom):
             axis.axvline(change, color="grey", linestyle=":", linewidth=1)
-        change += period
-    top.set_title(f"{report['peers']} peers, periods of {period:g} s (dotted: period changes)")
+    keys = report["key_update_ms"]
+    top.set_title(
+        f"{report['peers']} peers, periods of {report['period_s']:g} s (dotted: period "
+        f"changes); key update p50 {keys['p50']:.0f} ms, max {keys['max']:.0f} ms"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _without_nan(value: Any) -> Any:
+    """JSON has no NaN: a figure with no samples is null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
@@ -478,9 +581,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
             shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(_without_nan(report), indent=2))
     if args.plot:
-        plot(report, args.plot, args.period, run.started - run.epoch)
+        plot(report, args.plot)
     if not args.quiet:
         print_report(report)
     return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 1

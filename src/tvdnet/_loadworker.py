@@ -2,16 +2,29 @@
 
     python -m tvdnet._loadworker SPEC.json
 
-The spec names the nodes to run (configs), whom each sends to, the rate, the size and
-the length. The worker talks to the orchestrator in JSON lines: on stdout `ready`, one
-`tick` a second and a `final` report; on stdin `go` (start sending) and `stop`.
-Bodies are `[sender, seq, monotonic send time, padding]`, so that receivers can tell
-a duplicate, a gap, and the one-way latency (CLOCK_MONOTONIC is shared by every process
+The spec names the nodes to run (configs), whom each sends to, the rate, the size, and
+where to write the final report. The worker and the orchestrator talk in JSON lines, in
+phases:
+
+    worker -> `ready`       every node holds period keys for all its pairs
+    <- `connect`            peers send message 0 to the hub and wait for its ack; the hub
+                            waits until every peer's message 0 arrived, then measures
+                            what the peers cost it
+    worker -> `connected`   (the hub's carries `per_peer_kib`)
+    <- `go`                 traffic at the rate, both ways; a `tick` a second
+    <- `stop`               stop sending, let what is in flight be acknowledged
+    worker -> `drained`     nothing this worker sent is unacknowledged
+    <- `report`             (every worker drained) take what is left in the inboxes
+    worker -> `final`       the report is in the file the spec named
+
+Bodies are `[sender, seq, monotonic send time, padding]`, so that receivers can tell a
+duplicate, a gap, and the one-way latency (CLOCK_MONOTONIC is shared by every process
 on the machine).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -50,12 +63,14 @@ class Tally:
 
     def __init__(self) -> None:
         self.acked = 0
+        self.in_flight = 0  # send() calls not returned yet
         self.failed: Counter[str] = Counter()
-        self.latencies: list[float] = []  # send() to acknowledgement, seconds
+        # (monotonic time send() was called, send() to acknowledgement in seconds)
+        self.latencies: list[tuple[float, float]] = []
         self.one_way: list[float] = []  # send() call to delivery at the receiver, seconds
-        self.sent_by: Counter[str] = Counter()  # (sender->receiver) -> acknowledged sends
-        self.received: dict[str, int] = {}  # sender->receiver -> highest seq seen in order
-        self.lost_order = 0
+        self.sent_by: Counter[str] = Counter()  # sender>receiver -> acknowledged sends
+        self.received: dict[str, int] = {}  # sender>receiver -> highest seq seen in order
+        self.gaps = 0
         self.duplicates = 0
         self.tick_acked = 0
         self.tick_latencies: list[float] = []
@@ -69,35 +84,47 @@ class Tally:
         elif seq < expected:
             self.duplicates += 1
         else:
-            self.lost_order += 1  # a gap: some earlier message never came
+            self.gaps += 1  # some earlier message never came (or comes out of order)
             self.received[key] = seq
         self.one_way.append(time.monotonic() - sent_at)
 
-
-async def _sender(
-    node: Node, peer: str, rate: float, pad: bytes, tally: Tally, stop: trio.Event, offset: float
-) -> None:
-    seq = 0
-    interval = 1.0 / rate
-    start = trio.current_time() + offset
-    key = f"{node.vm}>{peer}"
-    while not stop.is_set():
-        await trio.sleep_until(start + seq * interval)
-        if stop.is_set():
-            return
+    async def send(self, node: Node, peer: str, seq: int, pad: bytes) -> bool:
         began = time.monotonic()
+        self.in_flight += 1
         try:
             await node.send(peer, [node.vm, seq, began, pad])
         except TvdnetError as exc:
-            tally.failed[type(exc).__name__] += 1
-            seq += 1
-            continue
+            self.failed[type(exc).__name__] += 1
+            return False
+        finally:
+            self.in_flight -= 1
         latency = time.monotonic() - began
-        tally.acked += 1
-        tally.sent_by[key] += 1
-        tally.latencies.append(latency)
-        tally.tick_acked += 1
-        tally.tick_latencies.append(latency)
+        self.acked += 1
+        self.sent_by[f"{node.vm}>{peer}"] += 1
+        self.latencies.append((began, latency))
+        self.tick_acked += 1
+        self.tick_latencies.append(latency)
+        return True
+
+
+async def _sender(
+    node: Node,
+    peer: str,
+    first_seq: int,
+    rate: float,
+    pad: bytes,
+    tally: Tally,
+    stop: trio.Event,
+    offset: float,
+) -> None:
+    interval = 1.0 / rate
+    start = trio.current_time() + offset
+    seq = first_seq
+    while not stop.is_set():
+        await trio.sleep_until(start + (seq - first_seq) * interval)
+        if stop.is_set():
+            return
+        await tally.send(node, peer, seq, pad)
         seq += 1
 
 
@@ -120,81 +147,134 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+class _Commands:
+    """The orchestrator's lines on stdin (read in a thread: stdin may be a pipe or a tty)."""
+
+    def __init__(self) -> None:
+        self._stdin = trio.wrap_file(sys.stdin)
+
+    async def next(self) -> str:
+        line = await self._stdin.readline()
+        return line.strip() or "eof"
+
+
+async def _connect_peers(
+    nodes: list[Node], targets: dict[str, list[str]], pad: bytes, tally: Tally, ramp: int
+) -> None:
+    """Each peer's message 0 to the hub, acknowledged: every connection is up.
+
+    At most `ramp` at a time per worker: a thousand handshakes at once on a busy machine
+    would outlast the handshake timeout and retry in waves, which measures nothing.
+    """
+    limiter = trio.CapacityLimiter(ramp)
+
+    async def one(node: Node, peer: str) -> None:
+        async with limiter:
+            await tally.send(node, peer, 0, pad)
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            for peer in targets.get(node.vm, []):
+                nursery.start_soon(one, node, peer)
+
+
+async def _hub_measure(hub: Node, tally: Tally, rss_before: int) -> float:
+    """Wait until every peer's message 0 arrived; the hub's memory per peer, KiB."""
+    peers = len(hub.peers)
+    while len(tally.received) < peers:
+        await trio.sleep(0.1)
+    gc.collect()
+    # Everything the peers cost the hub: period keys, sessions, connections, tasks and
+    # buffers, measured as resident memory since before the node was opened.
+    return (_rss_kb() - rss_before) / max(1, peers)
+
+
 async def run(spec: dict[str, Any]) -> None:
+    rss_before = _rss_kb()
     configs = [NodeConfig.from_mapping(c, source=f"node {c['key_file']}") for c in spec["nodes"]]
     pad = bytes(max(0, spec["size"] - 40))
     tally = Tally()
-    rss_before = _rss_kb()
+    commands = _Commands()
+    hub = spec["role"] == "hub"
+    targets: dict[str, list[str]] = spec["targets"]  # vm -> peers it sends to
     async with _nodes(configs) as nodes, trio.open_nursery() as nursery:
-        with trio.fail_after(spec.get("ready_timeout", 300)):
+        with trio.fail_after(spec.get("ready_timeout", 600)):
             while not all(node.period is not None for node in nodes):
                 await trio.sleep(0.05)
         for node in nodes:
             nursery.start_soon(_receiver, node, tally)
-        rss_ready = _rss_kb()
-        _emit("ready", nodes=len(nodes), rss_kb=rss_ready, rss_before_kb=rss_before)
-        stdin = trio.lowlevel.FdStream(0)
-        line = await stdin.receive_some()
-        if not line.startswith(b"go"):
+        _emit("ready", nodes=len(nodes), rss_kb=_rss_kb())
+        if await commands.next() != "connect":
+            return
+        per_peer_kib = None
+        if hub:
+            per_peer_kib = await _hub_measure(nodes[0], tally, rss_before)
+        else:
+            await _connect_peers(nodes, targets, pad, tally, spec.get("ramp", 32))
+        _emit(
+            "connected", per_peer_kib=per_peer_kib, failed=sum(tally.failed.values()),
+            rss_kb=_rss_kb(),
+        )  # fmt: skip
+        if await commands.next() != "go":
             return
         stop = trio.Event()
-        targets = spec["targets"]  # vm -> peers it sends to
         rng = random.Random(spec.get("seed", 1))  # noqa: S311 -- jitter, not keys
+        first_seq = 0 if hub else 1  # message 0 of each peer went in the connect phase
         for node in nodes:
             for peer in targets.get(node.vm, []):
-                offset = spec.get("start_delay", 0.0) + rng.random() / spec["rate"]
-                nursery.start_soon(_sender, node, peer, spec["rate"], pad, tally, stop, offset)
-
-        per_peer_kb: float | None = None
+                offset = rng.random() / spec["rate"]
+                nursery.start_soon(
+                    _sender, node, peer, first_seq, spec["rate"], pad, tally, stop, offset
+                )
 
         async def ticks() -> None:
-            nonlocal per_peer_kb
             while True:
                 await trio.sleep(1.0)
-                if spec["role"] == "hub" and per_peer_kb is None:
-                    hub = nodes[0]
-                    connected = sum(
-                        1 for p in hub.peers if hub._session.peer_status(p)["connected"]
-                    )
-                    if connected == len(hub.peers):
-                        # Everything a peer costs the hub, measured once all are connected.
-                        per_peer_kb = (_rss_kb() - rss_ready) / max(1, connected)
                 _emit(
                     "tick",
-                    at=time.time(),
                     acked=tally.tick_acked,
-                    p50_ms=_percentile(tally.tick_latencies, 0.5) * 1000,
                     p99_ms=_percentile(tally.tick_latencies, 0.99) * 1000,
                 )
                 tally.tick_acked = 0
                 tally.tick_latencies = []
 
         nursery.start_soon(ticks)
-        await stdin.receive_some()  # "stop" (or EOF: the orchestrator went away)
+        await commands.next()  # "stop" (or EOF: the orchestrator went away)
         stop.set()
-        # Let what is in flight be acknowledged, then report.
-        with trio.move_on_after(spec.get("drain", 30)):
-            while any(n._session.unacknowledged(p) for n in nodes for p in n.peers):
+        # Let what this worker sent be acknowledged...
+        with trio.move_on_after(spec.get("drain", 60)):
+            while tally.in_flight or any(
+                n._session.unacknowledged(p) for n in nodes for p in n.peers
+            ):
                 await trio.sleep(0.1)
-            await trio.sleep(1.0)  # the last deliveries reach the receivers' tallies
+        _emit("drained")
+        # ...and once every worker has said so, every acknowledged message sits in its
+        # receiver's inbox or was taken from it: take the rest, then count.
+        await commands.next()  # "report"
+        with trio.move_on_after(spec.get("drain", 60)):
+            while any(n._inbox for n in nodes):
+                await trio.sleep(0.05)
+            await trio.sleep(0.1)  # the receiver tasks finish what they took
         totals: Counter[str] = Counter()
         for node in nodes:
             totals.update(node.stats)
-        _emit(
-            "final",
-            role=spec["role"],
-            acked=tally.acked,
-            failed=dict(tally.failed),
-            sent_by=dict(tally.sent_by),
-            received={k: v + 1 for k, v in tally.received.items()},
-            gaps=tally.lost_order,
-            duplicates=tally.duplicates,
-            latencies_ms=[round(x * 1000, 3) for x in tally.latencies],
-            one_way_ms=[round(x * 1000, 3) for x in tally.one_way],
-            stats=dict(totals),
-            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            per_peer_state_kb=per_peer_kb,
-        )
+        final = {
+            "role": spec["role"],
+            "acked": tally.acked,
+            "in_flight": tally.in_flight,
+            "failed": dict(tally.failed),
+            "sent_by": dict(tally.sent_by),
+            "received": {k: v + 1 for k, v in tally.received.items()},
+            "gaps": tally.gaps,
+            "duplicates": tally.duplicates,
+            "latencies": [[round(at, 4), round(s * 1000, 3)] for at, s in tally.latencies],
+            "one_way_ms": [round(x * 1000, 3) for x in tally.one_way],
+            "stats": dict(totals),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "per_peer_kib": per_peer_kib,
+        }
+        Path(spec["final"]).write_text(json.dumps(final))
+        _emit("final", role=spec["role"])
         nursery.cancel_scope.cancel()
 
 
