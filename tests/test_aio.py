@@ -31,7 +31,7 @@ def test_an_asyncio_program_sends_and_receives(tmp_path: Path) -> None:
     async def trio_side() -> None:
         async with h.running():
             b = h.nodes["vm-b"]
-            with trio.move_on_after(30):
+            with trio.move_on_after(180):
                 message = await b.receive()
                 echoed.append(message.body)
                 await b.send("vm-a", {"echo": message.body})
@@ -44,10 +44,10 @@ def test_an_asyncio_program_sends_and_receives(tmp_path: Path) -> None:
     async def asyncio_side() -> tuple[object, int | None]:
         async with tvdnet.aio.open_node(h.external_config("vm-a")) as node:
             assert node.vm == "vm-a"
-            await node.send("vm-b", "hello from asyncio", timeout=20)
+            await node.send("vm-b", "hello from asyncio", timeout=120)
             with pytest.raises(UnknownPeer):
                 await node.send("vm-z", "nobody")
-            reply = await asyncio.wait_for(node.receive(), 20)
+            reply = await asyncio.wait_for(node.receive(), 120)
             # Cancelling an asyncio task cancels the trio call behind it.
             pending = asyncio.create_task(node.receive())
             await asyncio.sleep(0.1)
@@ -60,7 +60,7 @@ def test_an_asyncio_program_sends_and_receives(tmp_path: Path) -> None:
         body, period = asyncio.run(asyncio_side())
     finally:
         stop.set()
-        thread.join(30)
+        thread.join(60)
     assert echoed == ["hello from asyncio"]
     assert body == {"echo": "hello from asyncio"}
     assert period is not None
