@@ -54,7 +54,7 @@ def test_an_asyncio_program_sends_and_receives(tmp_path: Path) -> None:
             pending.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await pending
-            return reply.body, node.period
+            return reply.body, reply.period
 
     try:
         body, period = asyncio.run(asyncio_side())
