@@ -577,9 +577,13 @@ def run_loadtest(args: argparse.Namespace) -> int:
     try:
         report = trio.run(run.main)
     finally:
-        if args.keep:
-            shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            if args.keep:
+                # Sockets a killed bridge left behind cannot be copied, and are no use.
+                ignore = shutil.ignore_patterns("*.sock")
+                shutil.copytree(workdir, args.keep, dirs_exist_ok=True, ignore=ignore)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(_without_nan(report), indent=2))
     if args.plot:
