@@ -59,7 +59,7 @@ class Harness:
         self.clock = clock or WallClock(offset=epoch + 1.0)
         # Ports are chosen up front: they go into the welcome before any node runs, and a
         # restarted node comes back where its peers expect it.
-        self.ports = {vm: _free_port() for vm in members}
+        self.ports = {vm: free_port() for vm in members}
         self.config_of_tvd = TvdConfig.for_schedule(
             tvd,
             self.schedule,
@@ -160,7 +160,8 @@ class Harness:
                 await trio.sleep(0.01)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from nodes import free_port
 
 from device_bridge._cli import main as bridge_main
 
@@ -27,19 +27,12 @@ CHAT = REPO / "examples" / "chat.py"
 TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def local_tvd(tmp_path: Path) -> Iterator[Path]:
     """examples/local with free ports, provisioned, its bridge running."""
     directory = tmp_path / "tvd"
     directory.mkdir(mode=0o700)
-    ports = {n: _free_port() for n in (1, 2, 3)}
+    ports = {n: free_port() for n in (1, 2, 3)}
     for name in ("tvd.toml", "vm-a.toml", "vm-b.toml", "vm-c.toml"):
         text = (LOCAL / name).read_text()
         for n, port in ports.items():

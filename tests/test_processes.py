@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tomllib
@@ -18,6 +17,7 @@ from typing import Any
 
 import trio
 from bridge_fakes import short_tmp
+from nodes import free_port
 
 from tvdnet._control import control_request
 
@@ -28,18 +28,11 @@ PERIODS_SEEN = 4
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _write_tvd(tmp: Path) -> None:
     lines = [f'tvd = "proc"\nperiod_seconds = {PERIOD_S}\nperiods = 100000\n']
     for vm in VMS:
         lines.append(
-            f'[[members]]\nid = "{vm}"\naddress = "127.0.0.1:{_free_port()}"\n'
+            f'[[members]]\nid = "{vm}"\naddress = "127.0.0.1:{free_port()}"\n'
             f'channel = "unix-listen:{vm}.sock"\n'
         )
     (tmp / "tvd.toml").write_text("".join(lines))
