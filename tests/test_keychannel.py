@@ -217,6 +217,36 @@ def test_a_new_hello_after_an_ack_gets_the_current_update_again() -> None:
     assert w.session.key_state("vm-b").period == 2
 
 
+def test_hellos_said_before_the_answer_is_written_get_one_answer() -> None:
+    # A busy hub says hello again every second until it reads its welcome: the answers
+    # still queued are superseded, not piled up (85 KB each for a 1,200-member hub).
+    w = Wire()
+    w.push(2, mid(2))
+    w.bridge.connection_made(mid(2))
+    hello = channel.encode(channel.Hello("vm-a", 0))
+    for i in range(3):
+        w.bridge.receive_data(hello, mid(2) + i)
+    out = list(channel.ChannelReader().feed(w.bridge.data_to_send()))
+    assert [type(m) for m in out] == [channel.Welcome, channel.Update]
+    assert out[1].t == 2
+    # Once taken for writing, an answer is in flight: the next hello gets another.
+    w.bridge.receive_data(hello, mid(2) + 3)
+    again = list(channel.ChannelReader().feed(w.bridge.data_to_send()))
+    assert [type(m) for m in again] == [channel.Welcome, channel.Update]
+
+
+def test_a_hello_supersedes_a_queued_members_message_and_resend() -> None:
+    w = Wire()
+    w.push(2, mid(2))
+    w.connect(mid(2))
+    w.bridge.new_update(3, w.update_for(3), SCHEDULE.end(3), mid(3), members=MEMBERS[:1])
+    w.bridge.receive_data(channel.encode(channel.Hello("vm-a", 2)), mid(3))
+    out = list(channel.ChannelReader().feed(w.bridge.data_to_send()))
+    assert [type(m) for m in out] == [channel.Welcome, channel.Update]
+    assert out[0].members == MEMBERS[:1]
+    assert out[1].t == 3
+
+
 def test_members_message_then_update() -> None:
     w = Wire()
     w.push(2, mid(2))
@@ -242,6 +272,31 @@ def test_the_agent_says_hello_every_second_until_welcomed() -> None:
     assert hellos == [0.0, 1.0, 2.0, 3.0]
     w.agent.connection_lost(3.5)
     assert w.agent.next_deadline() == 4.5
+
+
+def test_an_answer_arriving_slowly_postpones_the_next_hello() -> None:
+    w = Wire()
+    w.push(2, mid(2))
+    w.bridge.connection_made(mid(2))
+    w.agent.connection_made(mid(2))
+    w.bridge.receive_data(w.agent.data_to_send(), mid(2))
+    answer = w.bridge.data_to_send()
+    # The welcome trickles in over 1.5 s: no second hello while bytes keep coming.
+    w.agent.receive_data(answer[:10], mid(2) + 0.9)
+    assert w.agent.next_deadline() == pytest.approx(mid(2) + 1.9)
+    w.agent.handle_timeout(mid(2) + 1.5)
+    assert w.agent.data_to_send() == b""
+    w.agent.receive_data(answer[10:], mid(2) + 1.5)
+    assert w.agent.state is AgentState.WELCOMED
+    assert w.session.key_state("vm-b").period == 2
+    # Silence after a partial answer: the hello is said again 1 s after the last byte.
+    w.agent.connection_made(mid(2) + 2)
+    w.agent.data_to_send()
+    w.agent.receive_data(answer[:10], mid(2) + 2.5)
+    w.agent.handle_timeout(mid(2) + 3.5)
+    assert list(channel.ChannelReader().feed(w.agent.data_to_send())) == [
+        channel.Hello("vm-a", 2)
+    ]
 
 
 def test_garbage_from_the_bridge_is_refused_and_the_agent_says_hello_again() -> None:

@@ -117,9 +117,15 @@ class VmChannel:
             self._refuse(exc.reason, exc.detail, disconnect=True)
 
     def data_to_send(self) -> bytes:
+        """Take what is queued for the port. Call it just before writing: what stays
+        queued can still be superseded by a later hello (see `_on_message`)."""
         data = bytes(self._out)
         self._out.clear()
         return data
+
+    def output_size(self) -> int:
+        """Bytes queued and not yet taken by `data_to_send`."""
+        return len(self._out)
 
     def next_event(self) -> ChannelEvent | None:
         return self._events.popleft() if self._events else None
@@ -200,6 +206,12 @@ class VmChannel:
                     self._refuse(channel.WRONG_VM, "a hello naming another VM", disconnect=True)
                     return
                 self.state = ChannelState.READY
+                # A hello restarts the conversation: the node discarded what it had
+                # partly read, so nothing still queued from before it matters, and the
+                # welcome and update below supersede it. A node that says hello again
+                # before reading our answer (a busy hub retries every 1 s) thus gets
+                # one answer, not one per hello.
+                self._out.clear()
                 self._out += channel.encode(self._welcome)
                 # SPEC §5: after every hello, the current update, acknowledged before or not.
                 pending = self._update

@@ -140,7 +140,6 @@ class ChannelWorker:
         self._drained = Signal()  # the writer emptied the queue
         self._acked_signal = Signal()
         self._resolved = Signal()  # the writer handled wants_disconnect
-        self._pending = bytearray()
         self.connected = False
         self.connections = 0
         self.stuck = 0
@@ -193,9 +192,8 @@ class ChannelWorker:
     # ------------------------------------------------------------------ the channel's output
 
     def _after_channel(self, now: float) -> None:
-        out = self.channel.data_to_send()
-        if out:
-            self._pending += out
+        # The output stays in the channel until the writer takes it, so that a later
+        # hello can supersede an answer not yet written (VmChannel._on_message).
         while (event := self.channel.next_event()) is not None:
             self._on_event(event, now)
         self._wake.fire()
@@ -320,7 +318,6 @@ class ChannelWorker:
         now = self._clock.now()
         self.connections += 1
         self.connected = True
-        self._pending.clear()
         self.channel.connection_made(now)
         emit(logging.INFO, "connected", vm=self.vm, port=self.spec)
         why = "cancelled"
@@ -332,7 +329,6 @@ class ChannelWorker:
             why = group.exceptions[0].why if isinstance(group.exceptions[0], _Dropped) else why
         finally:
             self.connected = False
-            self._pending.clear()
             self._drained.fire()
             self.channel.connection_lost(self._clock.now())
             with trio.move_on_after(BRIDGE_CLOSE_TIMEOUT) as scope:
@@ -350,7 +346,7 @@ class ChannelWorker:
                 raise _Dropped("end of stream")
             view = memoryview(data)
             for offset in range(0, len(view), BRIDGE_FEED_PIECE):
-                while len(self._pending) > BRIDGE_OUTPUT_LIMIT:
+                while self.channel.output_size() > BRIDGE_OUTPUT_LIMIT:
                     await self._drained.wait()  # bounded output: a VM that never reads waits
                 now = self._clock.now()
                 self.channel.receive_data(bytes(view[offset : offset + BRIDGE_FEED_PIECE]), now)
@@ -365,19 +361,17 @@ class ChannelWorker:
     async def _write_loop(self, stream: trio.abc.Stream, resettable: bool) -> None:
         while True:
             deadline = self.channel.next_deadline()
-            if not self._pending and not self.channel.wants_disconnect:
+            if not self.channel.output_size() and not self.channel.wants_disconnect:
                 with trio.move_on_at(self._clock.trio_time(deadline)):
                     await self._wake.wait()
             now = self._clock.now()
             if now >= self.channel.next_deadline():
                 self.channel.handle_timeout(now)
                 self._after_channel(now)
-            if self._pending:
-                data = bytes(self._pending)
-                self._pending.clear()
+            if data := self.channel.data_to_send():
                 await self._send(stream, data)
                 self._drained.fire()
-            if self.channel.wants_disconnect and not self._pending:
+            if self.channel.wants_disconnect and not self.channel.output_size():
                 if not resettable:
                     raise _Dropped("refused input")
                 # SPEC §5: a pty cannot be hung up; discard what was read, wait for a hello.

@@ -121,6 +121,10 @@ class KeyAgent:
         self._hello_at = now + CHANNEL_HELLO_RETRY
 
     def receive_data(self, data: bytes | bytearray, now: float) -> None:
+        if data and self.state is AgentState.WAIT_WELCOME:
+            # The bridge is answering: the hello retry counts 1 s from its last byte, so a
+            # node too busy to read a large welcome at once does not ask for another.
+            self._hello_at = now + CHANNEL_HELLO_RETRY
         try:
             for message in self._reader.feed(data):
                 self._on_message(message, now)
