@@ -294,12 +294,7 @@ async def measure(guest: Guest, reps: int) -> list[dict[str, Any]]:
                             await port.send_all(update)
                         else:
                             image = write_update_image(iso_dir, f"{t}.iso", update)
-                            # force: the guest's reads lock the tray now and then.
-                            await qmp.execute(
-                                "blockdev-change-medium",
-                                {"id": "cdrom0", "filename": str(image), "format": "raw",
-                                 "force": True},
-                            )  # fmt: skip
+                            await qmp.change_medium("cdrom0", image, force=True)
                         await acked(t)
                     elapsed = time.perf_counter() - start
                     rows.append({"approach": approach, "k": k, "ms": elapsed * 1000})

@@ -156,12 +156,14 @@ async def test_the_qmp_client_swaps_a_medium(shm: Path) -> None:
             await nursery.start(qemu.serve)
             async with open_qmp(qemu.path) as qmp:
                 await qmp.change_medium("cdrom0", image)
+                await qmp.change_medium("cdrom0", image, force=True)
                 qemu.fail_with = "Device 'cdrom9' not found"
                 with pytest.raises(QmpError, match=r"cdrom9' not found.*GenericError"):
                     await qmp.change_medium("cdrom9", image)
             nursery.cancel_scope.cancel()
         assert qemu.swaps[0] == {"id": "cdrom0", "filename": str(image), "format": "raw"}
-        assert qemu.images == [UPDATE]
+        assert qemu.swaps[1] == {**qemu.swaps[0], "force": True}
+        assert qemu.images == [UPDATE, UPDATE]
     with pytest.raises(QmpError, match="cannot connect"):
         async with open_qmp(shm / "nothing.sock"):
             pass
@@ -218,7 +220,8 @@ async def test_the_bridge_swaps_each_periods_image_and_deletes_it(
                 assert (rollout.t, rollout.vms, rollout.acked) == (4, 1, 1)
                 assert rollout.all_acked_after is not None
             nursery.cancel_scope.cancel()
-        assert [swap["id"] for swap in qemu.swaps] == ["cdrom0", "cdrom0"]
+        # Forced: a guest reading the drive locks its tray, and must not hold updates up.
+        assert [(swap["id"], swap.get("force")) for swap in qemu.swaps] == [("cdrom0", True)] * 2
         assert list(shm.iterdir()) == []  # SPEC §5: deleted after the swap
         for t, data in zip((3, 4), qemu.images, strict=True):
             update = channel.decode(data)

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -341,3 +343,27 @@ async def test_metrics_on_loopback(mock_clock: trio.testing.MockClock) -> None:
 def fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:
         return str(response.read().decode())
+
+
+def test_an_answer_cut_short_is_named_as_such() -> None:
+    # A bridge that gives up writing a long status (it is overloaded) leaves half a line.
+    with short_tmp() as tmp:
+        path = tmp / "control.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+
+        def answer_half() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b'{"ok": true, "status": {"vms": [')
+
+        thread = threading.Thread(target=answer_half)
+        thread.start()
+        try:
+            with pytest.raises(ControlError, match=r"cut short after 32 bytes.*overloaded"):
+                control_request(path, "status", timeout=30)
+        finally:
+            thread.join()
+            server.close()

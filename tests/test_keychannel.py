@@ -294,9 +294,7 @@ def test_an_answer_arriving_slowly_postpones_the_next_hello() -> None:
     w.agent.data_to_send()
     w.agent.receive_data(answer[:10], mid(2) + 2.5)
     w.agent.handle_timeout(mid(2) + 3.5)
-    assert list(channel.ChannelReader().feed(w.agent.data_to_send())) == [
-        channel.Hello("vm-a", 2)
-    ]
+    assert list(channel.ChannelReader().feed(w.agent.data_to_send())) == [channel.Hello("vm-a", 2)]
 
 
 def test_garbage_from_the_bridge_is_refused_and_the_agent_says_hello_again() -> None:

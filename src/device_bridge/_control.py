@@ -163,6 +163,11 @@ def control_request(path: Path, command: str, *, timeout: float = 30.0) -> dict[
         raise ControlError(
             f"{path} closed the connection without an answer (only the bridge's user may ask)"
         )
+    if b"\n" not in reply:
+        raise ControlError(
+            f"{path}: the answer was cut short after {len(reply)} bytes (the bridge gives up "
+            f"writing after {BRIDGE_CONTROL_TIMEOUT:g} s; is it overloaded?)"
+        )
     try:
         answer = json.loads(bytes(reply).partition(b"\n")[0])
     except (UnicodeDecodeError, json.JSONDecodeError):

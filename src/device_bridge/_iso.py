@@ -189,12 +189,23 @@ class QmpClient:
                 )
             return message.get("return")
 
-    async def change_medium(self, device_id: str, filename: Path, fmt: str = "raw") -> None:
-        """Swap the medium of the drive with qdev id `device_id` (approach I)."""
-        await self.execute(
-            "blockdev-change-medium",
-            {"id": device_id, "filename": os.fspath(filename), "format": fmt},
-        )
+    async def change_medium(
+        self, device_id: str, filename: Path, fmt: str = "raw", *, force: bool = False
+    ) -> None:
+        """Swap the medium of the drive with qdev id `device_id` (approach I).
+
+        With `force`, QEMU opens the tray even when the guest has locked it (a guest
+        reading the drive locks it); without, QEMU only asks the guest to eject, and a
+        locked tray makes the command fail.
+        """
+        arguments: dict[str, object] = {
+            "id": device_id,
+            "filename": os.fspath(filename),
+            "format": fmt,
+        }
+        if force:
+            arguments["force"] = True
+        await self.execute("blockdev-change-medium", arguments)
 
 
 @asynccontextmanager

@@ -513,7 +513,9 @@ class CdromWorker:
             # the GIL all the same) and tmpfs never blocks on a disk.
             image = write_update_image(self._iso_dir, f"{self.vm}.{t}.iso", data)
             async with open_qmp(self.spec.qmp) as qmp:
-                await qmp.change_medium(self.spec.device, image)
+                # force: a guest that is reading the drive has locked its tray, and an
+                # update must not wait for the guest's consent (it may never give it).
+                await qmp.change_medium(self.spec.device, image, force=True)
         except (IsoError, QmpError, OSError, trio.BrokenResourceError) as exc:
             self.connected = False
             self.failures += 1

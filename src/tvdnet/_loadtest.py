@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,35 @@ def _free_port_block(count: int) -> int:
     raise RuntimeError(f"no block of {count} free ports on 127.0.0.1")
 
 
+class StallProbe:
+    """The machine's own delays, as a baseline for every latency in the same run.
+
+    A task that only sleeps 10 ms at a time, in the orchestrator (which is idle while
+    traffic runs): how late each wake-up comes is what any process on this machine
+    suffers from the scheduler and the hypervisor alone, whatever our code does.
+    """
+
+    INTERVAL = 0.01
+
+    def __init__(self) -> None:
+        self.lateness: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            began = time.monotonic()
+            await trio.sleep(self.INTERVAL)
+            self.lateness.append(max(0.0, time.monotonic() - began - self.INTERVAL))
+
+    def report(self, seconds: float) -> dict[str, float]:
+        late = self.lateness
+        return {
+            "p50": _percentile(late, 0.5) * 1000,
+            "p99": _percentile(late, 0.99) * 1000,
+            "max": max(late, default=math.nan) * 1000,
+            "stalled_fraction": sum(late) / seconds if seconds > 0 else math.nan,
+        }
+
+
 class Run:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -94,6 +124,7 @@ class Run:
         self.per_peer_kib: float | None = None
         self.bridge_status: dict[str, Any] = {}
         self.phases: dict[str, float] = {}  # seconds each phase took (starting, connecting...)
+        self.probe = StallProbe()
 
     # ------------------------------------------------------------------ setup
 
@@ -273,6 +304,8 @@ class Run:
             self.phases["connect"] = time.monotonic() - began
             self.per_peer_kib = connected[0]["per_peer_kib"]
             await tell(b"go\n")
+            probe = trio.CancelScope()
+            nursery.start_soon(_run_in, probe, self.probe.run)
             self.started = time.time()
             self.mono_started = time.monotonic()
             traffic = progress.task("traffic", self.args.duration)
@@ -291,6 +324,7 @@ class Run:
                             f"traffic {sum(acked.values()):>6,} msg/s  p99 {worst:6.1f} ms",
                         )
             self.stopped = time.time()
+            probe.cancel()
             progress.update(traffic, self.args.duration)
             await tell(b"stop\n")
             began = time.monotonic()
@@ -407,10 +441,15 @@ class Run:
             },
             "rotations": rotations,
             "peak_rss_mb": {k: round(v, 1) for k, v in self.rss.items()},
+            "gc_s": {
+                ("hub" if i == 0 else f"worker-{i}"): round(final.get("gc_s", 0.0), 2)
+                for i, final in enumerate(self.finals)
+            },
             "hub_per_peer_kib": (
                 None if self.per_peer_kib is None else round(self.per_peer_kib, 2)
             ),
             "phases_s": {k: round(v, 1) for k, v in self.phases.items()},
+            "machine_stall_ms": self.probe.report(duration),
             "timeline": _timeline(timed, duration),
             "period_changes_s": [
                 round(self.epoch + t * period - self.started, 3)
@@ -505,6 +544,7 @@ def print_report(report: dict[str, Any]) -> None:
     keys = report["key_update_ms"]
     rejects = report["rejects"]
     per_peer = report["hub_per_peer_kib"]
+    stall = report["machine_stall_ms"]
     rows = [
         ("lost", report["lost"]),
         ("duplicates", report["duplicates"]),
@@ -523,10 +563,18 @@ def print_report(report: dict[str, Any]) -> None:
          f"{rejects['expired']} / {rejects['unknown']} / {rejects['auth']}"),
         ("hub memory per peer KiB", "n/a" if per_peer is None else f"{per_peer:.1f}"),
         ("peak RSS MB", ", ".join(f"{k} {v}" for k, v in report["peak_rss_mb"].items())),
+        ("machine: 10 ms sleep late p50 / p99 / max ms",
+         f"{stall['p50']:.1f} / {stall['p99']:.1f} / {stall['max']:.1f}"),
+        ("machine: share of time stalled", f"{stall['stalled_fraction']:.0%}"),
     ]  # fmt: skip
     for name, value in rows:
         table.add_row(name, str(value))
     Console().print(table)
+
+
+async def _run_in(scope: trio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await task()
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
