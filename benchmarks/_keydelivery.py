@@ -70,6 +70,7 @@ from tvdnet import WallClock
 from tvdnet._agent import KeyAgent, KeysUpdated
 from tvdnet._config import KeyChannelSpec
 from tvdnet._keychannel import run_key_channel
+from tvdnet._local import free_port
 from tvdnet._session import Session
 from tvdnet.scheme import Schedule, generate
 
@@ -111,12 +112,6 @@ class _Wakeup:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = trio.Event()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _tmpfs_dir() -> Path:
@@ -179,7 +174,7 @@ async def _vm_side(
             path = tmp / "vm.sock"
             yield UnixListen(path), KeyChannelSpec("unix", str(path)), nursery
         elif approach == "tcp":
-            port = _free_port()
+            port = free_port()
             yield TcpListen("127.0.0.1", port), KeyChannelSpec("tcp", f"127.0.0.1:{port}"), nursery
         elif approach == "pty":
             # QEMU's -chardev pty: QEMU (here the guest) holds the master; the bridge opens

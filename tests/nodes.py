@@ -10,7 +10,6 @@ they would a host daemon restart. Peers talk over real TCP on 127.0.0.1. Time is
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import trio
 from device_bridge import Bridge, MemberConfig, TvdConfig, UnixListen, open_bridge
 from tvdnet import KeyChannelSpec, Node, NodeConfig, WallClock, open_node
 from tvdnet._forge import period_key_from
+from tvdnet._local import free_port
 from tvdnet.keyfile import write_computer_keys
 from tvdnet.scheme import DeviceKeys, Pair, Schedule, generate
 
@@ -158,11 +158,3 @@ class Harness:
                 for node in self.nodes.values()
             ):
                 await trio.sleep(0.01)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port

@@ -44,6 +44,7 @@ from device_bridge._transports import (
     UnixListen,
 )
 from tvdnet import channel
+from tvdnet._local import free_port
 from tvdnet.scheme import Pair, Schedule, generate
 
 IDS = ("vm-a", "vm-b", "vm-c")
@@ -74,12 +75,6 @@ def raw_pty() -> tuple[int, int]:
     return master, slave
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @asynccontextmanager
 async def link(kind: str) -> AsyncIterator[Link]:
     with short_tmp() as tmp:
@@ -107,7 +102,7 @@ async def link(kind: str) -> AsyncIterator[Link]:
                 UnixListen(path), lambda: _retry(lambda: trio.open_unix_socket(str(path))), True
             )
         elif kind == "tcp":
-            port_number = _free_port()
+            port_number = free_port()
             yield Link(
                 TcpListen("127.0.0.1", port_number),
                 lambda: _retry(lambda: trio.open_tcp_stream("127.0.0.1", port_number)),
@@ -453,7 +448,7 @@ async def test_a_pty_whose_guest_went_away_is_reopened_without_a_busy_loop(
 
 async def test_development_transports_need_the_option() -> None:
     provisioning = generate("test-tvd", IDS)
-    config, _ = tvd_with(TcpListen("127.0.0.1", _free_port()))
+    config, _ = tvd_with(TcpListen("127.0.0.1", free_port()))
     with pytest.raises(TransportRefused, match=r"member 'vm-a': TCP on loopback"):
         async with open_bridge(config, provisioning.for_bridge(1), clock=clock_at(start_of(2))):
             pass

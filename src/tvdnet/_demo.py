@@ -26,9 +26,7 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import tty
@@ -46,6 +44,7 @@ from rich.table import Table
 from . import _frames as frames
 from ._control import control_request
 from ._forge import RawPeer, period_key_from
+from ._local import console_command, free_port
 from .keyfile import load_computer_keys
 from .scheme import ComputerKeys, Pair, Schedule
 
@@ -105,19 +104,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _command(script: str, module: str) -> list[str]:
-    """The installed console script beside this Python, else `python -m module`."""
-    installed = Path(sys.executable).parent / script
-    return [str(installed)] if installed.exists() else [sys.executable, "-m", module]
 
 
 def _toml(value: str | float | int) -> str:
@@ -224,7 +210,7 @@ class Demo:
             os.close(slave)
             self.vms[vm] = Vm(
                 id=vm,
-                port=_free_port(),
+                port=free_port(),
                 master=master,
                 pty=pty,
                 config=self.dir / f"{vm}.toml",
@@ -298,7 +284,7 @@ class Demo:
                 os.close(v.master)
 
     async def start(self, nursery: trio.Nursery) -> None:
-        command = [*_command("tvdnet-bridge", "device_bridge._cli"), "run"]
+        command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
         command += ["--config", str(self.tvd_file)]
         command += ["--keystore", str(self.keys_dir / "keystore.json")]
         command += ["--control", str(self.bridge_control)]
@@ -309,7 +295,7 @@ class Demo:
         ptys = ", ".join(f"{v.id} {v.pty}" for v in self.vms.values())
         self.say(f"bridge started (pid {self.bridge.pid}): key channels on ptys: {ptys}")
         for v in self.vms.values():
-            node = [*_command("tvdnet", "tvdnet._cli"), "node", "--config", str(v.config)]
+            node = [*console_command("tvdnet", "tvdnet._cli"), "node", "--config", str(v.config)]
             with v.log.open("wb") as log:
                 v.process = await trio.lowlevel.open_process(
                     node, stdout=subprocess.PIPE, stderr=log, pass_fds=(v.master,)

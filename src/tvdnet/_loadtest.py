@@ -19,10 +19,8 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from ._local import console_command, free_port_block
 
 __all__ = ["add_loadtest_parser", "run_loadtest"]
 
@@ -59,27 +59,6 @@ def _percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
-def _free_port_block(count: int) -> int:
-    """A base port such that base..base+count-1 are free on 127.0.0.1 (below the
-    ephemeral range, so that outgoing connections never take them)."""
-    rng = random.Random()  # noqa: S311 -- picking ports, not keys
-    for _ in range(50):
-        base = rng.randrange(10000, 30000 - count)
-        probes = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise RuntimeError(f"no block of {count} free ports on 127.0.0.1")
 
 
 class StallProbe:
@@ -129,7 +108,7 @@ class Run:
     # ------------------------------------------------------------------ setup
 
     def provision(self) -> None:
-        base = _free_port_block(len(self.members))
+        base = free_port_block(len(self.members))
         sockets = self.dir / "channels"
         sockets.mkdir(mode=0o700)
         self.epoch = time.time()
@@ -208,7 +187,8 @@ class Run:
         logs = self.dir / "logs"
         logs.mkdir()
         async with trio.open_nursery() as nursery:
-            command = [_bridge_command(), "run", "--config", str(self.tvd_file)]
+            command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
+            command += ["--config", str(self.tvd_file)]
             command += ["--keystore", str(self.keys / "keystore.json")]
             command += ["--control", str(control), "--log-level", self.args.bridge_log_level]
             with (logs / "bridge.log").open("wb") as log:
@@ -511,11 +491,6 @@ class _Progress:
     def update(self, task: int, completed: float, description: str | None = None) -> None:
         if self._bar is not None:
             self._bar.update(task, completed=completed, description=description)
-
-
-def _bridge_command() -> str:
-    found = shutil.which("tvdnet-bridge", path=str(Path(sys.executable).parent))
-    return found or "tvdnet-bridge"
 
 
 def _peak_rss_of(pid: int) -> float:

@@ -6,7 +6,7 @@ The spec names the nodes to run (configs), whom each sends to, the rate, the siz
 where to write the final report. The worker and the orchestrator talk in JSON lines, in
 phases:
 
-    worker -> `ready`       every node holds period keys for all its pairs
+    worker -> `ready`       every node has applied a key update (holds keys for its pairs)
     <- `connect`            peers send message 0 to the hub and wait for its ack; the hub
                             waits until every peer's message 0 arrived, then measures
                             what the peers cost it
@@ -227,8 +227,11 @@ async def run(spec: dict[str, Any]) -> None:
         _nodes(configs, freeze=not hub) as nodes,
         trio.open_nursery() as nursery,
     ):
+        # Ready once every node has applied an update: not "all hold a key at the same
+        # instant", which a machine that stalls for seconds may never show for 600 nodes
+        # at once (a node whose keys lapse and return is the system under test).
         with trio.fail_after(spec.get("ready_timeout", 600)):
-            while not all(node.period is not None for node in nodes):
+            while not all(node._stats["key_updates"] for node in nodes):
                 await trio.sleep(0.05)
                 if not hub:
                     gc.freeze()  # the members lists and keys the bridge just sent
