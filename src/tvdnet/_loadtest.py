@@ -360,7 +360,7 @@ class Run:
             received.update(final["received"])
             stats.update(final["stats"])
             failed.update(final["failed"])
-            one_way += final["one_way_ms"]
+            one_way += [ms for at, ms in final["one_way"] if at >= self.mono_started]
             duplicates += final["duplicates"]
             gaps += final["gaps"]
             in_flight += final["in_flight"]

@@ -84,7 +84,8 @@ class Tally:
         self.failed: Counter[str] = Counter()
         # (monotonic time send() was called, send() to acknowledgement in seconds)
         self.latencies: list[tuple[float, float]] = []
-        self.one_way: list[float] = []  # send() call to delivery at the receiver, seconds
+        # (monotonic send time, send() call to delivery at the receiver in seconds)
+        self.one_way: list[tuple[float, float]] = []
         self.sent_by: Counter[str] = Counter()  # sender>receiver -> acknowledged sends
         self.received: dict[str, int] = {}  # sender>receiver -> highest seq seen in order
         self.gaps = 0
@@ -103,7 +104,7 @@ class Tally:
         else:
             self.gaps += 1  # some earlier message never came (or comes out of order)
             self.received[key] = seq
-        self.one_way.append(time.monotonic() - sent_at)
+        self.one_way.append((sent_at, time.monotonic() - sent_at))
 
     async def send(self, node: Node, peer: str, seq: int, pad: bytes) -> bool:
         began = time.monotonic()
@@ -304,7 +305,7 @@ async def run(spec: dict[str, Any]) -> None:
             "gaps": tally.gaps,
             "duplicates": tally.duplicates,
             "latencies": [[round(at, 4), round(s * 1000, 3)] for at, s in tally.latencies],
-            "one_way_ms": [round(x * 1000, 3) for x in tally.one_way],
+            "one_way": [[round(at, 4), round(s * 1000, 3)] for at, s in tally.one_way],
             "stats": dict(totals),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "gc_s": gc_timer.seconds,
