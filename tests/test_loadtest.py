@@ -24,6 +24,8 @@ REQUIRED = {
     "peak_rss_mb",
     "hub_per_peer_kib",
     "timeline",
+    "gc_s",
+    "machine_stall_ms",
 }
 
 
@@ -53,4 +55,10 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     assert report["rotations"] >= 2  # 10 s of periods of 3 s
     assert report["peak_rss_mb"].keys() >= {"bridge", "hub", "worker-1", "worker-2"}
     assert report["hub_per_peer_kib"] > 0
+    assert report["gc_s"].keys() == {"hub", "worker-1", "worker-2"}
+    assert all(seconds >= 0 for seconds in report["gc_s"].values())
+    # The stall probe woke at least once in 10 s, and never before its time.
+    stall = report["machine_stall_ms"]
+    assert 0 <= stall["p50"] <= stall["p99"] <= stall["max"]
+    assert stall["stalled_fraction"] >= 0
     assert plot_path.read_bytes().startswith(b"\x89PNG")
