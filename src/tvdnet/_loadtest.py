@@ -75,10 +75,16 @@ class StallProbe:
         self.lateness: list[float] = []
 
     async def run(self) -> None:
-        while True:
-            began = time.monotonic()
-            await trio.sleep(self.INTERVAL)
-            self.lateness.append(max(0.0, time.monotonic() - began - self.INTERVAL))
+        began = time.monotonic()
+        try:
+            while True:
+                began = time.monotonic()
+                await trio.sleep(self.INTERVAL)
+                self.lateness.append(max(0.0, time.monotonic() - began - self.INTERVAL))
+        finally:
+            # Cancelled mid-sleep: a stall that outlasts the window still counts.
+            if (late := time.monotonic() - began - self.INTERVAL) > 0:
+                self.lateness.append(late)
 
     def report(self, seconds: float) -> dict[str, float]:
         late = self.lateness
@@ -86,7 +92,7 @@ class StallProbe:
             "p50": _percentile(late, 0.5) * 1000,
             "p99": _percentile(late, 0.99) * 1000,
             "max": max(late, default=math.nan) * 1000,
-            "stalled_fraction": sum(late) / seconds if seconds > 0 else math.nan,
+            "stalled_fraction": min(1.0, sum(late) / seconds) if seconds > 0 else math.nan,
         }
 
 
@@ -278,10 +284,12 @@ class Run:
             began = time.monotonic()
             await phase("ready", 900, progress.task("starting nodes", len(workers)))
             self.phases["start"] = time.monotonic() - began
+            progress.note(f"{len(self.members):,} nodes keyed in {self.phases['start']:.0f} s")
             await tell(b"connect\n")
             began = time.monotonic()
             connected = await phase("connected", 1800, progress.task("connecting", len(workers)))
             self.phases["connect"] = time.monotonic() - began
+            progress.note(f"every peer reached the hub in {self.phases['connect']:.0f} s")
             self.per_peer_kib = connected[0]["per_peer_kib"]
             await tell(b"go\n")
             probe = trio.CancelScope()
@@ -487,6 +495,11 @@ class _Progress:
     def advance(self, task: int) -> None:
         if self._bar is not None:
             self._bar.advance(task)
+
+    def note(self, text: str) -> None:
+        """A line above the bars (and, when output is not a terminal, at once)."""
+        if self._bar is not None:
+            self._bar.console.log(text)
 
     def update(self, task: int, completed: float, description: str | None = None) -> None:
         if self._bar is not None:
