@@ -425,10 +425,14 @@ def check(guests: list[Guest], bridge: BridgeProcess, summary: dict[str, Any]) -
     summary["messages"] = sum(count for g in guests for count in g.of("sent")[0]["acked"].values())
     summary["attack"] = attack["reply"]
     if problems:
-        for guest in guests:
-            print(f"===== {guest.vm} console =====\n{texts[guest.vm]}")
-        print(f"===== bridge =====\n{texts['bridge']}")
-        raise Failure("; ".join(problems))
+        raise Failure("; ".join(problems))  # main() prints every console and the bridge log
+
+
+def print_logs(run: Path) -> None:
+    """Every guest's console and the bridge's log, whole: what a failure is read from."""
+    for path in [*sorted(run.glob("*.console")), *sorted(run.glob("bridge.*.log"))]:
+        print(f"===== {path.name} =====")
+        print(path.read_text(errors="replace"))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -467,6 +471,7 @@ def main() -> int:
         summary = trio.run(scenario, args, run)
     except* Failure as group:
         failures.extend(group.exceptions)
+        print_logs(run)  # a guest that never booted fails before check() too
     finally:
         if not args.keep:
             shutil.rmtree(run, ignore_errors=True)
