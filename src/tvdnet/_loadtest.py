@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +72,24 @@ class StallProbe:
 
     def __init__(self) -> None:
         self.lateness: list[float] = []
+        self._scope = trio.CancelScope()
 
     async def run(self) -> None:
+        """Probe until `stop()`."""
         began = time.monotonic()
-        try:
-            while True:
-                began = time.monotonic()
-                await trio.sleep(self.INTERVAL)
-                self.lateness.append(max(0.0, time.monotonic() - began - self.INTERVAL))
-        finally:
-            # Cancelled mid-sleep: a stall that outlasts the window still counts.
-            if (late := time.monotonic() - began - self.INTERVAL) > 0:
-                self.lateness.append(late)
+        with self._scope:
+            try:
+                while True:
+                    began = time.monotonic()
+                    await trio.sleep(self.INTERVAL)
+                    self.lateness.append(max(0.0, time.monotonic() - began - self.INTERVAL))
+            finally:
+                # Stopped mid-sleep: a stall that outlasts the window still counts.
+                if (late := time.monotonic() - began - self.INTERVAL) > 0:
+                    self.lateness.append(late)
+
+    def stop(self) -> None:
+        self._scope.cancel()
 
     def report(self, seconds: float) -> dict[str, float]:
         late = self.lateness
@@ -292,8 +297,7 @@ class Run:
             progress.note(f"every peer reached the hub in {self.phases['connect']:.0f} s")
             self.per_peer_kib = connected[0]["per_peer_kib"]
             await tell(b"go\n")
-            probe = trio.CancelScope()
-            nursery.start_soon(_run_in, probe, self.probe.run)
+            nursery.start_soon(self.probe.run)
             self.started = time.time()
             self.mono_started = time.monotonic()
             traffic = progress.task("traffic", self.args.duration)
@@ -312,7 +316,7 @@ class Run:
                             f"traffic {sum(acked.values()):>6,} msg/s  p99 {worst:6.1f} ms",
                         )
             self.stopped = time.time()
-            probe.cancel()
+            self.probe.stop()
             progress.update(traffic, self.args.duration)
             await tell(b"stop\n")
             began = time.monotonic()
@@ -558,11 +562,6 @@ def print_report(report: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     Console().print(table)
-
-
-async def _run_in(scope: trio.CancelScope, task: Callable[[], Awaitable[None]]) -> None:
-    with scope:
-        await task()
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
