@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from nodes import free_port
 
 from device_bridge._cli import main as bridge_main
+from tvdnet._local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "examples" / "local"

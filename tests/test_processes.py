@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 from bridge_fakes import short_tmp
-from nodes import free_port
 
 from tvdnet._control import control_request
+from tvdnet._local import free_port
 
 VMS = ("vm-a", "vm-b", "vm-c")
 PERIOD_S = 0.8

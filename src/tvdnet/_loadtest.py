@@ -392,9 +392,10 @@ class Run:
             for t in range(int((self.started - self.epoch) / period) + 1, 1_000_000)
             if self.epoch + t * period < self.stopped
         )
-        self.rss.update({"hub": hub["peak_rss_mb"]})
-        for i, final in enumerate(self.finals[1:], start=1):
-            self.rss[f"worker-{i}"] = final["peak_rss_mb"]
+        # Worker 0 runs the hub; the others run the peers.
+        names = ["hub", *(f"worker-{i}" for i in range(1, len(self.finals)))]
+        for name, final in zip(names, self.finals, strict=True):
+            self.rss[name] = final["peak_rss_mb"]
         return {
             "peers": len(self.peers),
             "duration_s": round(duration, 3),
@@ -434,8 +435,8 @@ class Run:
             "rotations": rotations,
             "peak_rss_mb": {k: round(v, 1) for k, v in self.rss.items()},
             "gc_s": {
-                ("hub" if i == 0 else f"worker-{i}"): round(final.get("gc_s", 0.0), 2)
-                for i, final in enumerate(self.finals)
+                name: round(final["gc_s"], 2)
+                for name, final in zip(names, self.finals, strict=True)
             },
             "hub_per_peer_kib": (
                 None if self.per_peer_kib is None else round(self.per_peer_kib, 2)
