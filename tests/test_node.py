@@ -47,6 +47,8 @@ async def test_messages_in_flight_across_period_changes_arrive_once_in_order(
     h = Harness(tmp_path, ["vm-a", "vm-b", "vm-c"], period_s=2.0)
     async with h.running():
         await h.wait_keys()
+        updates_before = h.nodes["vm-a"].key_updates
+        assert updates_before >= 1
         got: dict[str, list[int]] = {"vm-b": [], "vm-c": []}
 
         async def receiver(vm: str) -> None:
@@ -67,6 +69,10 @@ async def test_messages_in_flight_across_period_changes_arrive_once_in_order(
         assert got == {"vm-b": list(range(200)), "vm-c": list(range(200))}
         assert h.nodes["vm-a"].period is not None
         assert h.nodes["vm-a"].period >= 5
+        # one update a period: at least four more in the 10 s of traffic
+        assert h.nodes["vm-a"].key_updates >= updates_before + 4
+        assert h.nodes["vm-a"].key_updates == h.nodes["vm-a"].stats["key_updates"]
+        assert h.nodes["vm-a"].unacknowledged() == 0
 
 
 async def test_send_times_out_when_the_peer_is_unreachable(
@@ -206,12 +212,15 @@ async def test_a_reader_that_lags_holds_senders_back(
             await flood()
         # vm-b's application read nothing: vm-b stopped reading its socket once its inbox
         # held 50, and vm-a's window of 100 unacknowledged messages closed behind that.
-        waiting = len(b._inbox)
+        waiting = b.waiting
         assert 50 <= waiting < 200  # the inbox limit, plus what one read carried past it
-        assert a._session.unacknowledged("vm-b") <= 100
+        assert a.unacknowledged("vm-b") <= 100
+        assert a.unacknowledged() == a.unacknowledged("vm-b")  # vm-a's only peer
+        assert a.unacknowledged("vm-b") == 100  # the window is full: the rest wait to enter it
         assert sent == 300  # every send() was started...
         got = [(await b.receive()).body for _ in range(waiting)]
         assert len(set(got)) == len(got)  # ...and what arrived, arrived once
+        assert b.waiting == 0
 
 
 def _fields(config: object) -> dict[str, object]:

@@ -161,6 +161,22 @@ class Node:
         return max(held, default=None)
 
     @property
+    def key_updates(self) -> int:
+        """Key updates applied from the bridge since the node opened (cheap to poll)."""
+        return self._stats["key_updates"]
+
+    def unacknowledged(self, peer: str | None = None) -> int:
+        """Messages sent to `peer` (to any peer when None) that it has not acknowledged."""
+        if peer is not None:
+            return self._session.unacknowledged(peer)
+        return sum(self._session.unacknowledged(p) for p in self._session.peers)
+
+    @property
+    def waiting(self) -> int:
+        """Messages received and not yet taken by `receive()`."""
+        return len(self._inbox)
+
+    @property
     def stats(self) -> Mapping[str, int]:
         """Counters: sent, delivered, resends, rejected_expired, rejected_unknown,
         auth_failures, protocol_errors, duplicates, connections, ... (a snapshot)."""
