@@ -162,7 +162,8 @@ class Node:
 
     @property
     def key_updates(self) -> int:
-        """Key updates applied from the bridge since the node opened (cheap to poll)."""
+        """Update messages taken from the bridge since the node opened, applied or (when
+        older than what the node holds) acknowledged and ignored; cheap to poll."""
         return self._stats["key_updates"]
 
     def unacknowledged(self, peer: str | None = None) -> int:
