@@ -140,6 +140,7 @@ class ChannelWorker:
         self._drained = Signal()  # the writer emptied the queue
         self._acked_signal = Signal()
         self._resolved = Signal()  # the writer handled wants_disconnect
+        self._writer_wait: trio.CancelScope | None = None  # the writer's idle wait, if any
         self.connected = False
         self.connections = 0
         self.stuck = 0
@@ -196,7 +197,12 @@ class ChannelWorker:
         # hello can supersede an answer not yet written (VmChannel._on_message).
         while (event := self.channel.next_event()) is not None:
             self._on_event(event, now)
-        self._wake.fire()
+        if self.channel.output_size() or self.channel.wants_disconnect:
+            self._wake.fire()
+        elif (waiting := self._writer_wait) is not None:
+            # Nothing to write, but the next deadline may have moved (an ack cancels the
+            # re-send): move the idle writer's wake-up instead of waking it to look.
+            waiting.deadline = self._clock.trio_time(self.channel.next_deadline())
 
     def _on_event(self, event: Acked | NodeSaid | Refused, now: float) -> None:
         match event:
@@ -362,8 +368,12 @@ class ChannelWorker:
         while True:
             deadline = self.channel.next_deadline()
             if not self.channel.output_size() and not self.channel.wants_disconnect:
-                with trio.move_on_at(self._clock.trio_time(deadline)):
-                    await self._wake.wait()
+                with trio.move_on_at(self._clock.trio_time(deadline)) as waiting:
+                    self._writer_wait = waiting
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._writer_wait = None
             now = self._clock.now()
             if now >= self.channel.next_deadline():
                 self.channel.handle_timeout(now)
