@@ -138,6 +138,10 @@ class KeyAgent:
         self._out.clear()
         return data
 
+    def output_size(self) -> int:
+        """Bytes queued for the bridge and not yet taken by `data_to_send`."""
+        return len(self._out)
+
     def next_event(self) -> AgentEvent | None:
         return self._events.popleft() if self._events else None
 

@@ -284,8 +284,10 @@ class Node:
     def _reschedule(self) -> None:
         scope = self._timer_scope
         if scope is not None:
+            # Both report their real next deadline, so it may move later too (a re-send
+            # that an ACK made unnecessary): no wake-up for nothing.
             deadline = min(self._session.next_deadline(), self._agent.next_deadline())
-            scope.deadline = min(scope.deadline, self._clock.trio_time(deadline))
+            scope.deadline = self._clock.trio_time(deadline)
 
     def _dispatch(self, event: ev.Event) -> None:
         if type(event) is ev.Message:
@@ -366,7 +368,8 @@ class Node:
                 self._log.warning(
                     f"bridge:{event.reason}", "event=bridge-error reason=%s", event.reason
                 )
-        self._agent_wakeup.set()
+        if agent.output_size():
+            self._agent_wakeup.set()
         self._after()
 
     async def _timers(self) -> None:

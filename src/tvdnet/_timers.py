@@ -1,8 +1,10 @@
 """Named deadlines for sans-I/O state machines: set, cancel, and collect the due ones.
 
 A deadline may move often (a keepalive after every frame sent); moving it later costs
-nothing, because the heap keeps the earlier entry and, when that comes due, the key is
-pushed again at its newer time. Only a deadline moved earlier pushes a new entry.
+nothing, because the heap keeps the earlier entry and, once that entry reaches the top,
+the key is filed again at its newer time. Only a deadline moved earlier pushes a new
+entry. `next()` files again what it finds moved at the top, so that the time it names
+is a real deadline: a driver that sleeps until then is not woken for nothing.
 """
 
 from __future__ import annotations
@@ -48,14 +50,23 @@ class Timers:
         self._when.pop(key, None)
 
     def next(self) -> float:
-        """The earliest heap entry (maybe one that only reschedules); inf if none."""
-        while self._heap:
-            when, _, key = self._heap[0]
-            if self._scheduled.get(key) == when and key in self._when:
-                return when
-            heapq.heappop(self._heap)
-            if self._scheduled.get(key) == when:
+        """The earliest deadline; inf if none."""
+        heap = self._heap
+        while heap:
+            when, _, key = heap[0]
+            if self._scheduled.get(key) != when:
+                heapq.heappop(heap)  # superseded by an earlier entry
+                continue
+            true_when = self._when.get(key)
+            if true_when is None:
+                heapq.heappop(heap)  # cancelled
                 del self._scheduled[key]
+            elif true_when > when:
+                # Moved later since it was filed: file it again at its real time.
+                self._scheduled[key] = true_when
+                heapq.heapreplace(heap, (true_when, next(self._counter), key))
+            else:
+                return when
         return math.inf
 
     def pop_due(self, now: float) -> list[Hashable]:
