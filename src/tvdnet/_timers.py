@@ -51,6 +51,24 @@ class Timers:
 
     def next(self) -> float:
         """The earliest deadline; inf if none."""
+        top = self._top()
+        return math.inf if top is None else top[0]
+
+    def pop_due(self, now: float) -> list[Hashable]:
+        """Remove and return every key whose deadline is <= now, earliest first."""
+        due: list[Hashable] = []
+        while (top := self._top()) is not None and top[0] <= now:
+            heapq.heappop(self._heap)
+            key = top[1]
+            del self._scheduled[key]
+            del self._when[key]
+            due.append(key)
+        return due
+
+    def _top(self) -> tuple[float, Hashable] | None:
+        """The earliest real entry of the heap, left at its top: entries superseded or
+        cancelled are dropped on the way, and one whose deadline moved later is filed
+        again at its real time."""
         heap = self._heap
         while heap:
             when, _, key = heap[0]
@@ -62,29 +80,8 @@ class Timers:
                 heapq.heappop(heap)  # cancelled
                 del self._scheduled[key]
             elif true_when > when:
-                # Moved later since it was filed: file it again at its real time.
                 self._scheduled[key] = true_when
                 heapq.heapreplace(heap, (true_when, next(self._counter), key))
             else:
-                return when
-        return math.inf
-
-    def pop_due(self, now: float) -> list[Hashable]:
-        """Remove and return every key whose deadline is <= now, earliest first."""
-        due: list[Hashable] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            when, _, key = heapq.heappop(heap)
-            if self._scheduled.get(key) != when:
-                continue  # superseded by an earlier entry
-            del self._scheduled[key]
-            true_when = self._when.get(key)
-            if true_when is None:
-                continue  # cancelled
-            if true_when > now:
-                self._scheduled[key] = true_when
-                heapq.heappush(heap, (true_when, next(self._counter), key))
-                continue
-            del self._when[key]
-            due.append(key)
-        return due
+                return when, key
+        return None
