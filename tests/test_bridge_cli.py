@@ -264,3 +264,59 @@ def test_the_real_daemon_serves_a_guest_and_stops_cleanly_on_sigterm(
         assert keystore.device_keys.period >= max(updates)
         assert schedule.period_at(time.time()) >= keystore.device_keys.period
         assert not (tmp / "ctl" / "control.sock").exists()
+
+
+def test_status_that_never_comes_says_so(tmp_path: Path) -> None:
+    """A bridge too busy to answer is told apart from one that refused to answer."""
+    from device_bridge._control import control_request
+    from device_bridge._errors import ControlError
+
+    path = tmp_path / "slow.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(os.fspath(path))
+        server.listen(1)  # accepts (the kernel does) and never answers
+        with pytest.raises(ControlError, match=r"no answer within 0\.2 s \(got 0 bytes\)"):
+            control_request(path, "status", timeout=0.2)
+
+
+class _BigStatus:
+    """Stands in for a bridge whose status is as large as a thousand VMs' (about 1 MB)."""
+
+    def __init__(self) -> None:
+        self.vms = [{"vm": f"vm-{i:04d}", "padding": "x" * 900} for i in range(1000)]
+
+    def status(self) -> _BigStatus:
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vms": self.vms}
+
+
+async def test_a_large_status_reaches_a_client_that_reads_slowly(
+    io_clock: trio.testing.MockClock,
+) -> None:
+    """The 5 s write limit is per piece: a client that keeps reading, however slowly,
+    gets the whole answer; the bridge only gives up on one that stops reading."""
+    bridge = _BigStatus()
+    with short_tmp() as tmp:
+        path = tmp / "ctl" / "control.sock"
+        await _read_slowly(bridge, path)
+
+
+async def _read_slowly(bridge: _BigStatus, path: Path) -> None:
+    reply = bytearray()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, bridge, path)
+        stream = await trio.open_unix_socket(os.fspath(path))
+        await stream.send_all(b'{"command": "status"}\n')
+        while not reply.endswith(b"\n"):
+            # Slower than the whole answer may take, but never idle 5 s. It takes all
+            # that is queued: a Unix socket is writable again only once that is drained.
+            await trio.sleep(3)
+            data = await stream.receive_some(1 << 22)
+            assert data, f"the bridge hung up after {len(reply)} bytes"
+            reply += data
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    answer = json.loads(reply)
+    assert answer["ok"] and answer["status"]["vms"] == bridge.vms
