@@ -114,13 +114,13 @@ async def _answer(bridge: Bridge, stream: trio.SocketStream) -> None:
                     break
                 request += data
         reply = await _handle(bridge, bytes(request).partition(b"\n")[0])
-        data = memoryview(json.dumps(reply).encode() + b"\n")
+        answer = memoryview(json.dumps(reply).encode() + b"\n")
         # The status of a thousand VMs is hundreds of KiB: a client that stops reading for
         # BRIDGE_CONTROL_TIMEOUT is dropped, but one that reads from a busy bridge is not.
         with contextlib.suppress(trio.BrokenResourceError):
-            for offset in range(0, len(data), _REPLY_PIECE):
+            for offset in range(0, len(answer), _REPLY_PIECE):
                 with trio.move_on_after(BRIDGE_CONTROL_TIMEOUT) as scope:
-                    await stream.send_all(data[offset : offset + _REPLY_PIECE])
+                    await stream.send_all(answer[offset : offset + _REPLY_PIECE])
                 if scope.cancelled_caught:
                     break
 
