@@ -25,6 +25,8 @@ REQUIRED = {
     "hub_per_peer_kib",
     "timeline",
     "gc_s",
+    "cpu_s",
+    "allowance_s",
     "machine_stall_ms",
 }
 
@@ -57,6 +59,13 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     assert report["hub_per_peer_kib"] > 0
     assert report["gc_s"].keys() == {"hub", "worker-1", "worker-2"}
     assert all(seconds >= 0 for seconds in report["gc_s"].values())
+    # Every process worked, and none spent more CPU collecting garbage than in all.
+    cpu = report["cpu_s"]
+    assert cpu.keys() == {"bridge", "hub", "worker-1", "worker-2"}
+    assert all(seconds > 0 for seconds in cpu.values())
+    assert all(report["gc_s"][name] <= cpu[name] for name in report["gc_s"])
+    assert report["allowance_s"] == 2.0  # the spec's default unless --allowance
+    assert report["key_update_ms"]["missing"] is None  # the bridge answered its status
     # The stall probe woke at least once in 10 s, and never before its time.
     stall = report["machine_stall_ms"]
     assert 0 <= stall["p50"] <= stall["p99"] <= stall["max"]

@@ -124,6 +124,7 @@ class Run:
         self.per_peer_kib: float | None = None
         self.bridge_status: dict[str, Any] = {}
         self.bridge_status_error: str | None = None  # why the bridge's status is missing
+        self.bridge_cpu_s = math.nan
         self.phases: dict[str, float] = {}  # seconds each phase took (starting, connecting...)
         self.probe = StallProbe()
 
@@ -236,6 +237,7 @@ class Run:
                 self.bridge_status = await self._bridge_status(control)
                 self.phases["bridge_status"] = time.monotonic() - began
                 self.rss["bridge"] = _peak_rss_of(bridge.pid)
+                self.bridge_cpu_s = _cpu_seconds_of(bridge.pid)
             finally:
                 began = time.monotonic()
                 for proc in [*workers, bridge]:
@@ -456,6 +458,13 @@ class Run:
                 name: round(final["gc_s"], 2)
                 for name, final in zip(names, self.finals, strict=True)
             },
+            "cpu_s": {
+                **{
+                    name: round(final["cpu_s"], 1)
+                    for name, final in zip(names, self.finals, strict=True)
+                },
+                "bridge": round(self.bridge_cpu_s, 1),
+            },
             "hub_per_peer_kib": (
                 None if self.per_peer_kib is None else round(self.per_peer_kib, 2)
             ),
@@ -529,6 +538,15 @@ class _Progress:
             self._bar.update(task, completed=completed, description=description)
 
 
+def _cpu_seconds_of(pid: int) -> float:
+    """User and system CPU seconds a running process used so far (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _peak_rss_of(pid: int) -> float:
     """Peak resident memory (VmHWM) of a running process, in MB."""
     try:
@@ -575,6 +593,10 @@ def print_report(report: dict[str, Any]) -> None:
          f"{rejects['expired']} / {rejects['unknown']} / {rejects['auth']}"),
         ("hub memory per peer KiB", "n/a" if per_peer is None else f"{per_peer:.1f}"),
         ("peak RSS MB", ", ".join(f"{k} {v}" for k, v in report["peak_rss_mb"].items())),
+        ("CPU s (of which GC)", ", ".join(
+            f"{k} {v:g}" + (f" ({report['gc_s'][k]:g})" if k in report["gc_s"] else "")
+            for k, v in report["cpu_s"].items()
+        )),
         ("machine: 10 ms sleep late p50 / p99 / max ms",
          f"{stall['p50']:.1f} / {stall['p99']:.1f} / {stall['max']:.1f}"),
         ("machine: share of time stalled", f"{stall['stalled_fraction']:.0%}"),
