@@ -70,4 +70,5 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     stall = report["machine_stall_ms"]
     assert 0 <= stall["p50"] <= stall["p99"] <= stall["max"]
     assert stall["stalled_fraction"] >= 0
+    assert report["machine_mcalls_per_cpu_s"] > 0
     assert plot_path.read_bytes().startswith(b"\x89PNG")

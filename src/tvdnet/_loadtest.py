@@ -70,6 +70,28 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def _noop(x: int) -> int:
+    return x
+
+
+def python_speed(samples: int = 5, calls: int = 1_000_000) -> float:
+    """Millions of trivial Python function calls per CPU second, the median of `samples`.
+
+    The same run's yardstick for CPU costs: a figure of this run divided by it reads
+    the same on a faster or slower machine (a current server core does tens of
+    millions). Samples are long enough to be preempted: on a VM whose hypervisor steals
+    time from a running process, that time is charged to it as CPU time, so what a
+    "CPU second" buys here is only seen over a scheduler quantum or more.
+    """
+    rates = []
+    for _ in range(samples):
+        began = time.process_time()
+        for i in range(calls):
+            _noop(i)
+        rates.append(calls / max(time.process_time() - began, 1e-9) / 1e6)
+    return _percentile(rates, 0.5)
+
+
 class StallProbe:
     """The machine's own delays, as a baseline for every latency in the same run.
 
@@ -125,6 +147,7 @@ class Run:
         self.bridge_status: dict[str, Any] = {}
         self.bridge_status_error: str | None = None  # why the bridge's status is missing
         self.bridge_cpu_s = math.nan
+        self.python_speed = math.nan  # millions of calls per CPU second, after the traffic
         self.phases: dict[str, float] = {}  # seconds each phase took (starting, connecting...)
         self.probe = StallProbe()
 
@@ -331,6 +354,7 @@ class Run:
                         )
             self.stopped = time.time()
             self.probe.stop()
+            self.python_speed = python_speed()
             progress.update(traffic, self.args.duration)
             await tell(b"stop\n")
             began = time.monotonic()
@@ -470,6 +494,7 @@ class Run:
             ),
             "phases_s": {k: round(v, 1) for k, v in self.phases.items()},
             "machine_stall_ms": self.probe.report(duration),
+            "machine_mcalls_per_cpu_s": round(self.python_speed, 2),
             "timeline": _timeline(timed, duration),
             "period_changes_s": [
                 round(self.epoch + t * period - self.started, 3)
@@ -600,6 +625,8 @@ def print_report(report: dict[str, Any]) -> None:
         ("machine: 10 ms sleep late p50 / p99 / max ms",
          f"{stall['p50']:.1f} / {stall['p99']:.1f} / {stall['max']:.1f}"),
         ("machine: share of time stalled", f"{stall['stalled_fraction']:.0%}"),
+        ("machine: Python calls per CPU second",
+         f"{report['machine_mcalls_per_cpu_s']:g} million"),
     ]  # fmt: skip
     for name, value in rows:
         table.add_row(name, str(value))
