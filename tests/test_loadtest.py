@@ -19,6 +19,7 @@ REQUIRED = {
     "latency_ms",
     "key_update_ms",
     "resends",
+    "key_channel_resends",
     "rejects",
     "rotations",
     "peak_rss_mb",

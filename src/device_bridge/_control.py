@@ -176,7 +176,8 @@ def control_request(path: Path, command: str, *, timeout: float = 30.0) -> dict[
     if b"\n" not in reply:
         raise ControlError(
             f"{path}: the answer was cut short after {len(reply)} bytes (the bridge gives up "
-            f"writing to a client that reads nothing for {BRIDGE_CONTROL_TIMEOUT:g} s)"
+            f"writing to a client that reads nothing for {BRIDGE_CONTROL_TIMEOUT:g} s; is it "
+            "overloaded?)"
         )
     try:
         answer = json.loads(bytes(reply).partition(b"\n")[0])
