@@ -439,7 +439,8 @@ class Run:
         )
         # Worker 0 runs the hub; the others run the peers.
         names = ["hub", *(f"worker-{i}" for i in range(1, len(self.finals)))]
-        for name, final in zip(names, self.finals, strict=True):
+        by_name = dict(zip(names, self.finals, strict=True))
+        for name, final in by_name.items():
             self.rss[name] = final["peak_rss_mb"]
         return {
             "peers": len(self.peers),
@@ -486,17 +487,9 @@ class Run:
             },
             "rotations": rotations,
             "peak_rss_mb": {k: round(v, 1) for k, v in self.rss.items()},
-            "gc_s": {
-                name: round(final["gc_s"], 2)
-                for name, final in zip(names, self.finals, strict=True)
-            },
-            "cpu_s": {
-                **{
-                    name: round(final["cpu_s"], 1)
-                    for name, final in zip(names, self.finals, strict=True)
-                },
-                "bridge": round(self.bridge_cpu_s, 1),
-            },
+            "gc_s": {name: round(final["gc_s"], 2) for name, final in by_name.items()},
+            "cpu_s": {name: round(final["cpu_s"], 1) for name, final in by_name.items()}
+            | {"bridge": round(self.bridge_cpu_s, 1)},
             "hub_per_peer_kib": (
                 None if self.per_peer_kib is None else round(self.per_peer_kib, 2)
             ),
