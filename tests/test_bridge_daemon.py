@@ -30,7 +30,7 @@ from bridge_fakes import (
     stream_config,
 )
 
-from device_bridge import _transports
+from device_bridge import _transports, _worker
 from device_bridge._config import MemberConfig, TvdConfig
 from device_bridge._daemon import open_bridge
 from device_bridge._errors import ReloadError, TransportRefused
@@ -514,3 +514,51 @@ def test_all_partials_is_partials_for_of_every_member() -> None:
         assert {peer: bytes(p) for peer, p in mine.items()} == keys.partials_for(vm)
     everything["b"]["a"][:] = bytes(32)  # each member's copy is its own to zero
     assert bytes(everything["a"]["b"]) == keys.partials_for("a")["b"]
+
+
+async def test_reading_pauses_while_too_much_waits_to_be_written(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each hello queues a welcome and the update (about 200 bytes here); with the bound
+    # below one answer, an answer the VM has not read yet stops the bridge reading its
+    # port, so a VM that asks and never reads cannot make the bridge queue more.
+    monkeypatch.setattr(_worker, "BRIDGE_OUTPUT_LIMIT", 64)
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(2) + 1)
+    # A lockstep pair: a write completes only when the other side reads it, so the
+    # guest sees when the bridge stops reading, and the bridge when the guest does.
+    bridge_end, guest_end = trio.testing.lockstep_stream_pair()
+    hello = channel.encode(channel.Hello("vm-a", 0))
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        await ports["vm-a"].attach(bridge_end)
+        # 1: answered, and the bridge's write of the answer now waits for the guest.
+        # 2: read; its answer is queued behind the first one: more than the bound.
+        # 3: read from the port but not fed to the channel.
+        for _ in range(3):
+            with trio.fail_after(1):
+                await guest_end.send_all(hello)
+        fourth_sent = trio.Event()
+
+        async def send_fourth() -> None:
+            await guest_end.send_all(hello)
+            fourth_sent.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_fourth)
+            await trio.sleep(1.0)  # below BRIDGE_WRITE_TIMEOUT: the connection stays up
+            assert not fourth_sent.is_set()  # the bridge stopped reading
+            # The guest reads: the bridge's queue drains and it reads again.
+            reader = channel.ChannelReader()
+            received: list[channel.ChannelMessage] = []
+            with trio.fail_after(1):
+                while not fourth_sent.is_set() or len(received) < 4:
+                    received += reader.feed(await guest_end.receive_some(1 << 16))
+        assert [type(m) for m in received[:4]] == [
+            channel.Welcome,
+            channel.Update,
+            channel.Welcome,
+            channel.Update,
+        ]
+        status = next(s for s in bridge.status().vms if s.vm == "vm-a")
+        assert status.connected and status.stuck == 0
