@@ -126,9 +126,15 @@ async def test_a_bridge_and_three_node_processes_across_period_changes() -> None
                 def periods_seen() -> set[int]:
                     return {e["period"] for events in procs.received.values() for e in events}
 
+                def periods_of(a: str, b: str) -> set[int]:
+                    return {e["period"] for e in procs.received[b] if e["from"] == a}
+
                 async def talk(a: str, b: str) -> None:
                     # One message at a time per ordered pair: send() returns on the ACK.
-                    while len(periods_seen()) < PERIODS_SEEN:
+                    # Until the TVD has seen PERIODS_SEEN periods and this pair's own
+                    # messages crossed a period change: on a busy machine one pair may
+                    # connect only after the others have seen all their periods.
+                    while len(periods_seen()) < PERIODS_SEEN or len(periods_of(a, b)) < 2:
                         body = {"from": a, "n": sent[a, b]}
                         try:
                             reply = await control_request(
