@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tvdnet._cli import main
+
 REQUIRED = {
     "lost",
     "duplicates",
@@ -73,3 +77,45 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     assert stall["stalled_fraction"] >= 0
     assert report["machine_mcalls_per_cpu_s"] > 0
     assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+
+BASE = ["loadtest", "--peers", "1", "--duration", "1", "--period", "1"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--peers", "0"], "argument --peers: must be 1 or more, not 0"),
+        (["--peers", "1.5"], "argument --peers: '1.5' is not a whole number"),
+        (["--period", "-5"], "argument --period: must be a finite number > 0, not -5"),
+        (["--duration", "inf"], "argument --duration: must be a finite number > 0, not inf"),
+        (["--rate", "0"], "argument --rate: must be a finite number > 0, not 0"),
+        (["--allowance", "-1"], "argument --allowance: must be a finite number >= 0, not -1"),
+        (["--size", "-1"], "argument --size: must be 0 or more, not -1"),
+        (["--processes", "0"], "argument --processes: must be 1 or more, not 0"),
+    ],
+)
+def test_a_bad_number_is_refused_before_anything_starts(
+    extra: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*BASE, *extra])
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_an_output_that_could_not_be_written_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A long run must not end by losing its report: --json, --plot and --keep are checked
+    # before any process starts (nothing is left behind in the temporary directory).
+    cases = [
+        (["--json", str(tmp_path / "no" / "r.json")], f"the directory {tmp_path / 'no'} does"),
+        (["--plot", str(tmp_path)], f"--plot {tmp_path}: is a directory"),
+        (["--keep", str(tmp_path / "file")], "exists and is not a directory"),
+    ]
+    (tmp_path / "file").write_text("")
+    for extra, said in cases:
+        assert main([*BASE, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -19,6 +19,7 @@ the bridge rotates periods; and reports what happened:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,27 +45,79 @@ __all__ = ["add_loadtest_parser", "run_loadtest"]
 HUB = "hub"
 
 
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if zero_ok else '>'} 0, not {text}"
+            )
+        return value
+
+    return parse
+
+
 def add_loadtest_parser(commands: Any) -> None:
     p = commands.add_parser("loadtest", help="one hub and many peers on loopback, with a report")
-    p.add_argument("--peers", type=int, required=True, help="peer nodes (the paper: 1,200)")
-    p.add_argument("--duration", type=float, required=True, help="seconds of traffic")
-    p.add_argument("--period", type=float, required=True, help="period length in seconds")
-    p.add_argument("--rate", type=float, default=1.0, help="messages/s each way per peer")
-    p.add_argument("--size", type=int, default=64, help="message body size in bytes")
+    p.add_argument("--peers", type=_whole(1), required=True, help="peer nodes (the paper: 1,200)")
+    p.add_argument(
+        "--duration", type=_seconds(zero_ok=False), required=True, help="seconds of traffic"
+    )
+    p.add_argument(
+        "--period", type=_seconds(zero_ok=False), required=True, help="period length in seconds"
+    )
+    p.add_argument(
+        "--rate", type=_seconds(zero_ok=False), default=1.0, help="messages/s each way per peer"
+    )
+    p.add_argument("--size", type=_whole(0), default=64, help="message body size in bytes")
     p.add_argument(
         "--allowance",
-        type=float,
+        type=_seconds(zero_ok=True),
         default=SKEW_ALLOWANCE,
         help="every node's clock-skew allowance in seconds (SPEC §4; default %(default)s): "
         "on a machine that needs longer than this to deliver one period's updates to all "
         "nodes, keys lapse at every period change",
     )
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="peer workers")
+    p.add_argument("--processes", type=_whole(1), default=os.cpu_count() or 1, help="peer workers")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write throughput and latency over time (PNG)")
     p.add_argument("--keep", type=Path, help="keep the TVD files and logs in this directory")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--bridge-log-level", default="WARNING", help=argparse.SUPPRESS)
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """What would lose a run's results at its end, said before the run starts."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            return f"{flag} {path}: is a directory; name the file to write"
+        if not path.parent.is_dir():
+            return f"{flag} {path}: the directory {path.parent} does not exist"
+        if not os.access(path.parent, os.W_OK):
+            return f"{flag} {path}: the directory {path.parent} is not writable"
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'tvdnet[plot]'"
+    if args.keep is not None and args.keep.exists() and not args.keep.is_dir():
+        return f"--keep {args.keep}: exists and is not a directory"
+    return None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -476,9 +530,7 @@ class Run:
             "key_updates": self.bridge_status.get("key_updates", []),
             # Updates the bridge sent again because no ack came within 1 s, backing off
             # (SPEC §5): on a machine too slow to ack in time, each is extra work both ends.
-            "key_channel_resends": sum(
-                vm["resends"] for vm in self.bridge_status.get("vms", [])
-            ),
+            "key_channel_resends": sum(vm["resends"] for vm in self.bridge_status.get("vms", [])),
             "resends": stats["resends"],
             "rejects": {
                 "expired": stats["rejected_expired"],
@@ -678,6 +730,9 @@ def _without_nan(value: Any) -> Any:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
+    if (problem := output_problem(args)) is not None:
+        print(f"tvdnet loadtest: {problem}", file=sys.stderr)
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="tvdnet-loadtest-"))
     run = Run(args, workdir)
     try:
