@@ -70,12 +70,17 @@ def ensure_tools() -> None:
     if missing:
         print(f"e2e: installing {' '.join(missing)} with apt", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(
+        for command in (
+            ["apt-get", "update", "-qq"],
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-            check=True,
-            env=env,
-        )
+        ):
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stdout + done.stderr, file=sys.stderr)
+                raise Failure(
+                    f"`{' '.join(command)}` exited {done.returncode}: the host tools are "
+                    "missing (its output is above)"
+                )
 
 
 class Netns:
@@ -334,20 +339,24 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     guests = [Guest(vm, i, run, f"tvdnet-e2e-{os.getpid()}", kernel) for i, vm in enumerate(VMS)]
     summary: dict[str, Any] = {}
     started = time.monotonic()
-    with Netns(f"tvdnet-e2e-{os.getpid()}"):
+    stage = Stage()
+    with Netns(f"tvdnet-e2e-{os.getpid()}"), trio.move_on_after(args.limit) as limit:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
             try:
+                stage.enter("starting QEMU")
                 for guest in guests:
                     await guest.start(nursery)
                 for guest in guests:
                     await guest.connect_control(plan)
+                stage.enter("booting the guests")
                 bridge.start()
                 for guest in guests:
                     ready = await guest.wait("ready", args.boot_timeout)
                     print(f"e2e: {guest.vm} ready in period {ready['period']} "
                           f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
                 summary["boot_s"] = round(time.monotonic() - started, 1)
+                stage.enter("messaging (bridge killed and restarted midway)")
                 for guest in guests:
                     await guest.say("go")
                 # The bridge dies midway (SIGKILL) and comes back 2 s later.
@@ -359,12 +368,15 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
                 print("e2e: bridge restarted", flush=True)
                 for guest in guests:
                     await guest.wait("sent", args.duration + 300)
+                stage.enter("collecting the final reports")
                 for guest in guests:
                     await guest.say("all-sent")
                 for guest in guests:
                     await guest.wait("final", 300)
+                stage.enter("measuring Fig. 3(a) in vm-a")
                 if args.measure_reps:
                     summary["measure"] = await measure(guests[0], args.measure_reps)
+                stage.enter("stopping the guests and the bridge")
                 for guest in guests:
                     with trio.move_on_after(120):
                         await guest.events["exited"].wait()
@@ -378,9 +390,30 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
                 raise
             finally:
                 nursery.cancel_scope.deadline = trio.current_time() + 5
+    if limit.cancelled_caught:
+        raise Failure(
+            f"the whole run passed its limit of {args.limit:.0f} s while {stage.name} "
+            f"(for {stage.elapsed():.0f} s); the consoles and bridge logs follow"
+        )
     summary["total_s"] = round(time.monotonic() - started, 1)
     check(guests, bridge, summary)
     return summary
+
+
+class Stage:
+    """What the run is doing now, so that a run stopped by its limit says where it was."""
+
+    def __init__(self) -> None:
+        self.name = "preparing"
+        self.since = time.monotonic()
+
+    def enter(self, name: str) -> None:
+        print(f"e2e: {name}", flush=True)
+        self.name = name
+        self.since = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.since
 
 
 async def _stop_on_sigterm(scope: trio.CancelScope) -> None:
@@ -455,14 +488,23 @@ def main() -> int:
     parser.add_argument("--period", type=float, default=15.0, help="period length, seconds")
     parser.add_argument("--duration", type=float, default=60.0, help="messaging, seconds")
     parser.add_argument("--measure-reps", type=int, default=3, help="0: skip the measurement")
-    parser.add_argument("--boot-timeout", type=float, default=480.0)
+    parser.add_argument(
+        "--boot-timeout", type=float, default=900.0, help="for all three guests to be ready"
+    )
+    parser.add_argument(
+        "--limit", type=float, default=2700.0, help="the whole run, seconds (a quiet machine: 90)"
+    )
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("e2e: needs root (network namespace, tap devices)", file=sys.stderr)
         return 2
-    ensure_tools()
+    try:
+        ensure_tools()
+    except Failure as failure:
+        print(f"e2e: FAILED: {failure}", file=sys.stderr)
+        return 1
     # Not under /tmp: the guests mount a tmpfs there, hiding the host's /tmp.
     base = Path("/var/tmp")
     run = Path(tempfile_dir(base))
