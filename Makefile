@@ -1,4 +1,6 @@
 # Everything a fresh Debian machine with only Python needs: `make test`, `make demo`.
+# The venv holds every role (guest, bridge, tools) and the test tools; a VM needs only
+# `pip install tvdnet` (docs/deploying.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +16,8 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict src/tvdnet src/device_bridge
+	$(BIN)/mypy --strict src/tvdnet src/device_bridge src/tvdnet_tools
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest

@@ -67,12 +67,12 @@ from device_bridge import (
     read_update_from_iso,
 )
 from tvdnet import WallClock
-from tvdnet._agent import KeyAgent, KeysUpdated
-from tvdnet._config import KeyChannelSpec
 from tvdnet._keychannel import run_key_channel
-from tvdnet._local import free_port
-from tvdnet._session import Session
-from tvdnet.scheme import Schedule, generate
+from tvdnet.config import KeyChannelSpec
+from tvdnet.core.agent import KeyAgent, KeysUpdated
+from tvdnet.core.scheme import Schedule, generate
+from tvdnet.core.session import Session
+from tvdnet_tools.local import free_port
 
 APPROACHES = {
     "iso": "I: ISO image (pycdlib, tmpfs) + QMP swap",

@@ -37,9 +37,9 @@ from device_bridge import TvdConfig, open_bridge
 from device_bridge._config import MemberConfig
 from device_bridge._transports import StreamPort
 from tvdnet import KeyChannelSpec, NodeConfig, WallClock, open_node
-from tvdnet._local import free_port
+from tvdnet.core.scheme import Schedule, generate
 from tvdnet.keyfile import write_computer_keys
-from tvdnet.scheme import Schedule, generate
+from tvdnet_tools.local import free_port
 
 PERIOD_S = 5.0
 EPOCH = 1_800_000_000.0

@@ -32,9 +32,9 @@ import msgpack
 import trio
 
 import tvdnet
-from tvdnet import _frames as frames
 from tvdnet import channel
-from tvdnet._streams import find_virtio_port, open_char_device
+from tvdnet.core import frames
+from tvdnet.ports import find_virtio_port, open_char_device
 
 PORT = 7000
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import trio
 
+from tvdnet_tools.local import LocalMember, LocalTvd, stop_process
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -40,6 +42,7 @@ import initramfs  # noqa: E402
 VMS = ("vm-a", "vm-b", "vm-c")
 IPS = {vm: f"169.254.10.{i + 1}" for i, vm in enumerate(VMS)}
 NODE_PORT = 7000
+KEY_PORT = "virtio:org.tvdnet.keys.0"
 MEASURE_K = (1, 100, 1200)
 # Patterns of key material that must never reach a log: 32 key bytes as hex or base64.
 SECRET_PATTERNS = [re.compile(r"\b[0-9a-f]{64}\b"), re.compile(r"[A-Za-z0-9+/]{43}=")]
@@ -107,15 +110,13 @@ class Netns:
 
 
 def write_tvd(run: Path, period_s: float) -> Path:
-    lines = [f'tvd = "e2e"\nperiod_seconds = {period_s}\nperiods = 100000\n']
-    for vm in VMS:
-        lines.append(
-            f'\n[[members]]\nid = "{vm}"\naddress = "{IPS[vm]}:{NODE_PORT}"\n'
-            f'channel = "unix:{vm}.keys.sock"\n'
+    members = [
+        LocalMember(
+            vm, f"{IPS[vm]}:{NODE_PORT}", f"unix:{vm}.keys.sock", "virtio:org.tvdnet.keys.0"
         )
-    path = run / "tvd.toml"
-    path.write_text("".join(lines))
-    return path
+        for vm in VMS
+    ]
+    return LocalTvd(run, "e2e", members, period_s=period_s, periods=100_000).write()
 
 
 # ------------------------------------------------------------------ guests
@@ -254,8 +255,7 @@ class BridgeProcess:
 
     def stop(self) -> int:
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        return stop_process(self.process, timeout=60).returncode
 
     def logs(self) -> str:
         return "".join(p.read_text() for p in sorted(self.run.glob("bridge.*.log")))

@@ -21,9 +21,15 @@ import trio
 
 from device_bridge._config import MemberConfig, TvdConfig
 from device_bridge._transports import StreamPort
-from tvdnet import channel
-from tvdnet._clock import WallClock
-from tvdnet.scheme import DeviceKeys, Pair, Provisioning, Schedule, device_update, evolve_device_key
+from tvdnet import WallClock, channel
+from tvdnet.core.scheme import (
+    DeviceKeys,
+    Pair,
+    Provisioning,
+    Schedule,
+    device_update,
+    evolve_device_key,
+)
 
 # Periods of 10 s; the epoch is far from 0 so that wall time and mock time differ.
 EPOCH = 1_700_000_000.0

@@ -10,9 +10,9 @@ from typing import Any
 import msgpack
 
 from tvdnet import Session
-from tvdnet import _frames as frames
-from tvdnet._session import _Connection
-from tvdnet.scheme import ComputerKeys, Schedule, generate
+from tvdnet.core import frames
+from tvdnet.core.scheme import ComputerKeys, Schedule, generate
+from tvdnet.core.session import _Connection
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS_PATH = REPO / "spec" / "vectors.json"

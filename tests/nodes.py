@@ -17,10 +17,10 @@ import trio
 
 from device_bridge import Bridge, MemberConfig, TvdConfig, UnixListen, open_bridge
 from tvdnet import KeyChannelSpec, Node, NodeConfig, WallClock, open_node
-from tvdnet._forge import period_key_from
-from tvdnet._local import free_port
+from tvdnet.core.scheme import DeviceKeys, Pair, Schedule, generate
 from tvdnet.keyfile import write_computer_keys
-from tvdnet.scheme import DeviceKeys, Pair, Schedule, generate
+from tvdnet_tools.forge import period_key_from
+from tvdnet_tools.local import free_port
 
 EPOCH = 1_800_000_000.0
 

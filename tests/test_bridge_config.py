@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from device_bridge._config import load_config
-from device_bridge._errors import ConfigError
 from device_bridge._transports import (
     CdromSwap,
     SerialLine,
@@ -19,8 +18,9 @@ from device_bridge._transports import (
     development_reason,
     parse_channel,
 )
+from device_bridge.errors import ConfigError
 from helpers import REPO
-from tvdnet.scheme import Schedule
+from tvdnet.core.scheme import Schedule
 
 GOOD = """\
 tvd = "demo"

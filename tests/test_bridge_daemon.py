@@ -33,7 +33,6 @@ from bridge_fakes import (
 from device_bridge import _transports, _worker
 from device_bridge._config import MemberConfig, TvdConfig
 from device_bridge._daemon import open_bridge
-from device_bridge._errors import ReloadError, TransportRefused
 from device_bridge._transports import (
     ChannelSpec,
     SerialLine,
@@ -43,9 +42,10 @@ from device_bridge._transports import (
     UnixConnect,
     UnixListen,
 )
+from device_bridge.errors import ReloadError, TransportRefused
 from tvdnet import channel
-from tvdnet._local import free_port
-from tvdnet.scheme import Pair, Schedule, generate
+from tvdnet.core.scheme import Pair, Schedule, generate
+from tvdnet_tools.local import free_port
 
 IDS = ("vm-a", "vm-b", "vm-c")
 

@@ -19,7 +19,6 @@ from bridge_fakes import SCHEDULE, Reference, clock_at, short_tmp, start_of, str
 
 from device_bridge._config import MemberConfig, TvdConfig
 from device_bridge._daemon import open_bridge
-from device_bridge._errors import IsoError, QmpError
 from device_bridge._iso import (
     build_update_image,
     check_tmpfs,
@@ -28,9 +27,10 @@ from device_bridge._iso import (
     write_update_image,
 )
 from device_bridge._transports import CdromSwap
+from device_bridge.errors import IsoError, QmpError
 from tvdnet import Session, channel
-from tvdnet._agent import KeyAgent
-from tvdnet.scheme import generate
+from tvdnet.core.agent import KeyAgent
+from tvdnet.core.scheme import generate
 
 UPDATE = channel.encode(channel.Update(7, {"vm-b": bytearray(range(32))}))
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from bridge_fakes import SCHEDULE, Reference
 
-from device_bridge._errors import BridgeError, KeystoreError
 from device_bridge._keystore import Keystore, MemberRecord
 from device_bridge._passphrase import PASSPHRASE_ENV, read_passphrase
-from tvdnet.scheme import generate
+from device_bridge.errors import BridgeError, KeystoreError
+from tvdnet.core.scheme import generate
 
 PASSPHRASE = b"correct horse battery staple"
 MEMBERS = [

@@ -11,12 +11,12 @@ from bridge_fakes import Reference
 
 from device_bridge import _provision
 from device_bridge._config import MemberConfig, TvdConfig
-from device_bridge._errors import KeystoreError, ProvisionError
 from device_bridge._keystore import Keystore
 from device_bridge._provision import provision
 from device_bridge._transports import UnixConnect
+from device_bridge.errors import KeystoreError, ProvisionError
+from tvdnet.core.scheme import Pair, Provisioning, computer_update, device_update, generate
 from tvdnet.keyfile import load_computer_keys
-from tvdnet.scheme import Pair, Provisioning, computer_update, device_update, generate
 
 PASSPHRASE = b"provisioning passphrase"
 IDS = ("vm-a", "vm-b", "vm-c")

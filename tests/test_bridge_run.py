@@ -27,17 +27,18 @@ from bridge_fakes import (
     stream_config,
 )
 
-from device_bridge import _control, _worker
+import tvdnet.control
+from device_bridge import _worker
 from device_bridge._cli import _handle_signals
 from device_bridge._config import load_config
-from device_bridge._control import control_request, serve_control
+from device_bridge._control import serve_control
 from device_bridge._daemon import open_bridge
-from device_bridge._errors import ControlError
 from device_bridge._keystore import Keystore, MemberRecord, _open
 from device_bridge._metrics import start_metrics
-from tvdnet import channel
-from tvdnet._clock import WallClock
-from tvdnet.scheme import generate
+from device_bridge.errors import ControlError
+from tvdnet import WallClock, channel
+from tvdnet.control import control_request
+from tvdnet.core.scheme import generate
 
 IDS = ("vm-a", "vm-b", "vm-c")
 PASSPHRASE = b"run-time passphrase"
@@ -191,14 +192,14 @@ def without_vm_c(text: str) -> str:
 
 
 async def ask(path: Path, command: str) -> dict[str, Any]:
-    return await trio.to_thread.run_sync(control_request, path, command)
+    return await control_request(path, {"command": command})
 
 
 async def test_status_and_reload_over_the_control_socket(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    # Mock time stands still (no autojump): the client runs in a thread, and the status
-    # must be read in period 3, not after time jumped ahead while the loop was idle.
+    # Mock time stands still (no autojump): the status must be read in period 3, not
+    # after time jumped ahead while the loop was idle.
     with short_tmp() as tmp:
         tvd_file = tmp / "tvd.toml"
         tvd_file.write_text(TVD_FILE.format(epoch=SCHEDULE.epoch))
@@ -269,12 +270,12 @@ async def test_the_control_socket_is_owner_only(
             os.chmod(shared, 0o777)
             with pytest.raises(ControlError, match="written by others"):
                 await serve_control(bridge, shared / "control.sock")
-            monkeypatch.setattr(_control, "_peer_uid", lambda sock: os.getuid() + 4242)
+            monkeypatch.setattr(tvdnet.control, "_peer_uid", lambda sock: os.getuid() + 4242)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, bridge, tmp / "ctl" / "control.sock")
                 with pytest.raises(ControlError, match="without an answer"):
                     await ask(tmp / "ctl" / "control.sock", "status")
-                with pytest.raises(ControlError, match="another bridge"):
+                with pytest.raises(ControlError, match="another process answers"):
                     await serve_control(bridge, tmp / "ctl" / "control.sock")
                 nursery.cancel_scope.cancel()
             os.rmdir(tmp / "ctl")
@@ -363,7 +364,7 @@ def test_an_answer_cut_short_is_named_as_such() -> None:
         thread.start()
         try:
             with pytest.raises(ControlError, match=r"cut short after 32 bytes.*overloaded"):
-                control_request(path, "status", timeout=30)
+                trio.run(lambda: control_request(path, {"command": "status"}, timeout=30))
         finally:
             thread.join()
             server.close()

@@ -8,9 +8,9 @@ import msgpack
 import pytest
 
 from tvdnet import ChannelError, channel
-from tvdnet._constants import CHANNEL_LIMIT
-from tvdnet.channel import Ack, Error, Hello, Member, Members, Update, Welcome
-from tvdnet.scheme import Schedule
+from tvdnet.core.channel import Ack, Error, Hello, Member, Members, Update, Welcome
+from tvdnet.core.constants import CHANNEL_LIMIT
+from tvdnet.core.scheme import Schedule
 
 MEMBERS = (Member("vm-a", "127.0.0.1:7001"), Member("vm-b", "[::1]:7002"))
 MESSAGES = [

@@ -18,7 +18,7 @@ import pexpect
 import pytest
 
 from device_bridge._cli import main as bridge_main
-from tvdnet._local import free_port
+from tvdnet_tools.local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "examples" / "local"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tvdnet._demo import FAST, Demo, Forgery
+from tvdnet_tools.demo import FAST, Demo, Forgery
 
 SUMMARY_ROW = re.compile(
     r"^\W*(sent|delivered|missing|duplicated|forged|refused|rotations)\W+(\d+)\W*$"

@@ -10,7 +10,7 @@ import pytest
 from device_bridge._vmchannel import Acked, ChannelState, NodeSaid, Refused, VmChannel
 from helpers import SCHEDULE, Tvd, mid
 from tvdnet import channel
-from tvdnet._agent import (
+from tvdnet.core.agent import (
     AgentState,
     ChannelRefused,
     KeyAgent,
@@ -18,8 +18,8 @@ from tvdnet._agent import (
     ScheduleMismatch,
     Welcomed,
 )
-from tvdnet.channel import Member
-from tvdnet.scheme import Schedule
+from tvdnet.core.channel import Member
+from tvdnet.core.scheme import Schedule
 
 MEMBERS = (Member("vm-a", "127.0.0.1:7001"), Member("vm-b", "127.0.0.1:7002"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import trio.testing
 from nodes import Harness
 
 from tvdnet import SendTimeout, UnknownPeer
-from tvdnet._control import control_request, serve_control
+from tvdnet.control import control_request, serve_control
 
 
 @pytest.fixture
@@ -153,16 +154,16 @@ async def test_control_socket_status_and_send(
         node = h.nodes["vm-a"]
         path = tmp_path / "control.sock"
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_control, node, path)
+            await nursery.start(functools.partial(serve_control, path, node.handle_control))
             assert (path.stat().st_mode & 0o077) == 0
-            reply = await control_request(path, {"cmd": "status"})
-            assert await control_request(path, {"cmd": "send", "peer": "vm-b", "body": [1, 2]}) == {
-                "ok": True
-            }
-            bad = await control_request(path, {"cmd": "send", "peer": "vm-q", "body": 1})
+            reply = await control_request(path, {"command": "status"})
+            assert await control_request(
+                path, {"command": "send", "peer": "vm-b", "body": [1, 2]}
+            ) == {"ok": True}
+            bad = await control_request(path, {"command": "send", "peer": "vm-q", "body": 1})
             assert bad["ok"] is False
             assert bad["type"] == "UnknownPeer"
-            assert (await control_request(path, {"cmd": "dance"}))["ok"] is False
+            assert (await control_request(path, {"command": "dance"}))["ok"] is False
             nursery.cancel_scope.cancel()
         assert (await h.nodes["vm-b"].receive()).body == [1, 2]
         status = reply["status"]

@@ -11,9 +11,9 @@ import trio
 import trio.testing
 from nodes import Harness
 
-from tvdnet import _forge
-from tvdnet import _frames as frames
-from tvdnet._constants import FRAME_LIMIT
+from tvdnet.core import frames
+from tvdnet.core.constants import FRAME_LIMIT
+from tvdnet_tools import forge
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ async def close_raw_peers() -> Any:
     RawPeer.opened.clear()
 
 
-class RawPeer(_forge.RawPeer):
-    """`tvdnet._forge.RawPeer`, closed after each test."""
+class RawPeer(forge.RawPeer):
+    """`tvdnet_tools.forge.RawPeer`, closed after each test."""
 
     opened: ClassVar[list[RawPeer]] = []
 

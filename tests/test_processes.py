@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tomllib
 from collections import defaultdict
 from itertools import permutations
 from pathlib import Path
@@ -18,8 +16,9 @@ from typing import Any
 import trio
 from bridge_fakes import short_tmp
 
-from tvdnet._control import control_request
-from tvdnet._local import free_port
+from tvdnet import ControlError
+from tvdnet.control import control_request
+from tvdnet_tools.local import LocalMember, LocalTvd, free_port, stop_processes
 
 VMS = ("vm-a", "vm-b", "vm-c")
 PERIOD_S = 0.8
@@ -28,27 +27,12 @@ PERIODS_SEEN = 4
 BIN = Path(sys.executable).parent
 
 
-def _write_tvd(tmp: Path) -> None:
-    lines = [f'tvd = "proc"\nperiod_seconds = {PERIOD_S}\nperiods = 100000\n']
-    for vm in VMS:
-        lines.append(
-            f'[[members]]\nid = "{vm}"\naddress = "127.0.0.1:{free_port()}"\n'
-            f'channel = "unix-listen:{vm}.sock"\n'
-        )
-    (tmp / "tvd.toml").write_text("".join(lines))
-
-
-def _write_node_configs(tmp: Path) -> None:
-    tvd = tomllib.loads((tmp / "tvd.toml").read_text())
-    for member in tvd["members"]:
-        vm = member["id"]
-        (tmp / f"{vm}.toml").write_text(
-            f'key_file = "out/export/{vm}.keys"\n'
-            f'listen = "{member["address"]}"\n'
-            f'key_channel = "unix:{vm}.sock"\n'
-            f"skew_allowance = 0.2\n"
-            f'control_socket = "{vm}.ctl"\n'
-        )
+def local_tvd(tmp: Path) -> LocalTvd:
+    members = [
+        LocalMember(vm, f"127.0.0.1:{free_port()}", f"unix-listen:{vm}.sock", f"unix:{vm}.sock")
+        for vm in VMS
+    ]
+    return LocalTvd(tmp, "proc", members, period_s=PERIOD_S, periods=100_000)
 
 
 class Processes:
@@ -81,17 +65,8 @@ class Processes:
                 sink(line.decode())
 
     async def stop(self) -> dict[str, int]:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        codes = {}
-        for name, proc in self.procs.items():
-            with trio.move_on_after(60) as scope:
-                codes[name] = await proc.wait()
-            if scope.cancelled_caught:
-                proc.kill()
-                codes[name] = await proc.wait()
-        return codes
+        stopped = await stop_processes(self.procs, timeout=60)
+        return {name: how.returncode for name, how in stopped.items()}
 
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n" + "\n".join(lines) for n, lines in self.stderr.items())
@@ -99,22 +74,25 @@ class Processes:
 
 async def test_a_bridge_and_three_node_processes_across_period_changes() -> None:
     with short_tmp() as tmp:
-        _write_tvd(tmp)
+        tvd = local_tvd(tmp)
+        tvd.write()
         provision = subprocess.run(
-            [BIN / "tvdnet-bridge", "provision", tmp / "tvd.toml", "--out", tmp / "out",
+            [BIN / "tvdnet-bridge", "provision", tvd.tvd_file, "--out", tmp / "keys",
              "--plaintext"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert provision.returncode == 0, provision.stderr
-        _write_node_configs(tmp)
+        for vm in VMS:
+            # Relative paths in a node's file are relative to it (the sockets beside it).
+            tvd.write_node_config(vm, skew_allowance=0.2, control_socket=f"{vm}.ctl")
         procs = Processes()
         sent: dict[tuple[str, str], int] = defaultdict(int)
         try:
             async with trio.open_nursery() as nursery:
                 await procs.start(nursery, "bridge", [
                     os.fspath(BIN / "tvdnet-bridge"), "run",
-                    "--config", os.fspath(tmp / "tvd.toml"),
-                    "--keystore", os.fspath(tmp / "out" / "keystore.json"),
+                    "--config", os.fspath(tvd.tvd_file),
+                    "--keystore", os.fspath(tvd.keystore),
                     "--control", os.fspath(tmp / "bridge.ctl"),
                 ])  # fmt: skip
                 for vm in VMS:
@@ -139,9 +117,9 @@ async def test_a_bridge_and_three_node_processes_across_period_changes() -> None
                         try:
                             reply = await control_request(
                                 tmp / f"{a}.ctl",
-                                {"cmd": "send", "peer": b, "body": body, "timeout": 60},
+                                {"command": "send", "peer": b, "body": body, "timeout": 60},
                             )
-                        except OSError:  # the node has not opened its control socket yet
+                        except ControlError:  # the node has not opened its control socket yet
                             await trio.sleep(0.2)
                             continue
                         assert reply == {"ok": True}, reply

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from helpers import Link, Tvd, events, mid
 from tvdnet import Message, Session, channel
-from tvdnet import _frames as frames
-from tvdnet._errors import ChannelError, FrameError
-from tvdnet._stream import StreamDecodeError
+from tvdnet.core import frames
+from tvdnet.core.errors import ChannelError, FrameError
+from tvdnet.core.reader import StreamDecodeError
 
 # Any msgpack value that msgpack-python gives back equal: no NaN (NaN != NaN), map keys
 # of the hashable kinds, and ints within 64 bits.

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tvdnet import InvalidId, InvalidKey, InvalidSchedule, NoSuchPeriod
-from tvdnet.scheme import (
+from tvdnet.core.scheme import (
     ComputerKeys,
     DeviceKeys,
     KeyStatus,

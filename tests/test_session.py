@@ -25,9 +25,9 @@ from tvdnet import (
     UnserializableBody,
     WindowFull,
 )
-from tvdnet import _frames as frames
-from tvdnet._constants import FRAME_LIMIT, MESSAGE_LIMIT
-from tvdnet.scheme import Schedule
+from tvdnet.core import frames
+from tvdnet.core.constants import FRAME_LIMIT, MESSAGE_LIMIT
+from tvdnet.core.scheme import Schedule
 
 
 def received(session: Session, evs: list[Any] | None = None) -> list[tuple[str, int, Any]]:

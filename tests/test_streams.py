@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tvdnet._streams import find_virtio_port, open_char_device, open_serial
+from tvdnet.ports import find_virtio_port, open_char_device, open_serial
 
 BINARY = bytes(range(256)) * 8  # CR, LF, ^C, ^D, ^S, DEL...: what a cooked tty would eat
 

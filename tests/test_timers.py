@@ -1,4 +1,4 @@
-"""Named deadlines (`tvdnet._timers.Timers`) against a plain dict of the same deadlines."""
+"""Named deadlines (`tvdnet.core.timers.Timers`) against a plain dict of the same deadlines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tvdnet._timers import Timers
+from tvdnet.core.timers import Timers
 
 KEYS = st.sampled_from(["key", "conn", "resend", "dial"])
 TIMES = st.integers(0, 40).map(float)

@@ -9,8 +9,8 @@ import pytest
 
 from helpers import SHARED_SPEC, VECTORS_PATH, events, load_vectors
 from tvdnet import Message, Session
-from tvdnet import _frames as frames
-from tvdnet.scheme import (
+from tvdnet.core import frames
+from tvdnet.core.scheme import (
     ComputerKeys,
     Schedule,
     computer_update,

@@ -8,7 +8,7 @@ Running a bridge in-process (node tests, benchmarks):
 
     from device_bridge import MemberConfig, StreamPort, TvdConfig, open_bridge
     from tvdnet import WallClock
-    from tvdnet.scheme import generate
+    from tvdnet.core.scheme import generate
 
     ports = {vm: StreamPort(vm) for vm in ("vm-a", "vm-b")}
     config = TvdConfig.for_schedule(
@@ -39,17 +39,6 @@ Public API:
 
 from ._config import MemberConfig, TvdConfig, load_config
 from ._daemon import Bridge, BridgeStatus, ReloadResult, open_bridge
-from ._errors import (
-    BridgeError,
-    ConfigError,
-    ControlError,
-    IsoError,
-    KeystoreError,
-    ProvisionError,
-    QmpError,
-    ReloadError,
-    TransportRefused,
-)
 from ._iso import (
     DEFAULT_ISO_DIR,
     QmpClient,
@@ -73,6 +62,17 @@ from ._transports import (
     parse_channel,
 )
 from ._worker import VmStatus
+from .errors import (
+    BridgeError,
+    ConfigError,
+    ControlError,
+    IsoError,
+    KeystoreError,
+    ProvisionError,
+    QmpError,
+    ReloadError,
+    TransportRefused,
+)
 
 __version__ = "0.1.0"
 

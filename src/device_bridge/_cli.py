@@ -14,19 +14,20 @@ from typing import Any, Final
 
 import trio
 
-from tvdnet._constants import KEYSTORE_SCRYPT_N
+from tvdnet.control import control_request
 
 from . import __version__
 from ._config import TvdConfig, load_config
-from ._control import control_request, default_control_path, serve_control
+from ._control import default_control_path, serve_control
 from ._daemon import Bridge, open_bridge
-from ._errors import BridgeError
 from ._iso import DEFAULT_ISO_DIR
 from ._keystore import ENCRYPTED, Keystore, check_scrypt_n
 from ._log import emit, logger
 from ._metrics import start_metrics
 from ._passphrase import read_passphrase
 from ._provision import check_targets, provision
+from .constants import KEYSTORE_SCRYPT_N
+from .errors import BridgeError, TvdnetError
 
 # Tests only: a cheaper scrypt, recorded in the file's kdf parameters (never for real use).
 SCRYPT_N_ENV: Final = "TVDNET_KEYSTORE_SCRYPT_N"
@@ -175,7 +176,7 @@ async def _handle_signals(bridge: Bridge, cancel: trio.CancelScope) -> None:
             if signum == signal.SIGHUP:
                 try:
                     await bridge.reload()
-                except BridgeError as exc:
+                except TvdnetError as exc:
                     emit(logging.ERROR, "reload-failed", why=str(exc))
             else:
                 emit(logging.INFO, "stopping", signal=signal.Signals(signum).name)
@@ -277,7 +278,7 @@ def print_status(status: dict[str, Any]) -> None:
 
 def _control(args: argparse.Namespace) -> int:
     path = args.control or default_control_path()
-    answer = control_request(path, args.command)
+    answer = trio.run(control_request, path, {"command": args.command})
     if not answer.get("ok"):
         print(f"tvdnet-bridge {args.command}: {answer.get('error', 'failed')}", file=sys.stderr)
         return EXIT_ERROR
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"provision": _provision, "run": _run, "status": _control, "reload": _control}
     try:
         return handlers[args.command](args)
-    except BridgeError as exc:
+    except TvdnetError as exc:
         print(f"tvdnet-bridge {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tvdnet._encoding import check_id
-from tvdnet._errors import InvalidId
-from tvdnet.channel import parse_address
-from tvdnet.scheme import Schedule
+from tvdnet.config import read_toml
+from tvdnet.core.channel import parse_address
+from tvdnet.core.errors import InvalidId
+from tvdnet.core.ids import check_id
+from tvdnet.core.scheme import Schedule
 
-from ._errors import ConfigError
 from ._transports import (
     CdromSwap,
     ChannelSpec,
@@ -44,6 +43,7 @@ from ._transports import (
     UnixListen,
     parse_channel,
 )
+from .errors import ConfigError
 
 __all__ = ["MemberConfig", "TvdConfig", "load_config"]
 
@@ -195,7 +195,6 @@ def _id_problem(exc: InvalidId) -> str:
 
 _HEADER: Final = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
 _KEY: Final = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
-_SYNTAX_AT: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -242,18 +241,7 @@ def _line_of(lines: Mapping[str, int], key: str) -> int | None:
 def load_config(path: Path | str) -> TvdConfig:
     """Read and check a TVD file; ConfigError names the file, line and key of any problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(path, None, "", f"cannot read it ({problem})") from None
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        at = _SYNTAX_AT.search(message)
-        line = int(at.group(1)) if at else None
-        raise ConfigError(path, line, "", f"TOML syntax: {_SYNTAX_AT.sub('', message)}") from None
+    document, text = read_toml(path)
     lines = _key_lines(text)
     base = path.resolve().parent
 

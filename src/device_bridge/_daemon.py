@@ -28,20 +28,12 @@ from pathlib import Path
 
 import trio
 
-from tvdnet import channel
-from tvdnet._clock import WallClock
-from tvdnet._constants import (
-    BRIDGE_KEYSTORE_RETRY,
-    BRIDGE_KEYSTORE_RETRY_MAX,
-    BRIDGE_RECONNECT_MAX,
-    BRIDGE_SHUTDOWN_WRITE_TIMEOUT,
-)
-from tvdnet._errors import NoSuchPeriod
-from tvdnet.channel import Member
-from tvdnet.scheme import DeviceKeys, Schedule
+from tvdnet import WallClock, channel
+from tvdnet.core.channel import Member
+from tvdnet.core.errors import NoSuchPeriod
+from tvdnet.core.scheme import DeviceKeys, Schedule
 
 from ._config import MemberConfig, TvdConfig, load_config
-from ._errors import KeystoreError, ReloadError, TransportRefused
 from ._iso import DEFAULT_ISO_DIR
 from ._keystore import Keystore, MemberRecord
 from ._log import emit, logger
@@ -49,6 +41,13 @@ from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
 from ._transports import CdromSwap, development_reason
 from ._worker import CdromWorker, ChannelWorker, VmStatus, Worker
+from .constants import (
+    BRIDGE_KEYSTORE_RETRY,
+    BRIDGE_KEYSTORE_RETRY_MAX,
+    BRIDGE_RECONNECT_MAX,
+    BRIDGE_SHUTDOWN_WRITE_TIMEOUT,
+)
+from .errors import KeystoreError, ReloadError, TransportRefused
 
 __all__ = ["Bridge", "BridgeStatus", "ReloadResult", "open_bridge"]
 

@@ -26,10 +26,10 @@ import pycdlib
 import trio
 from pycdlib.pycdlibexception import PyCdlibException
 
-from tvdnet._constants import CHANNEL_LIMIT
+from tvdnet.core.constants import CHANNEL_LIMIT
 from tvdnet.keyfile import write_private
 
-from ._errors import IsoError, QmpError
+from .errors import IsoError, QmpError
 
 __all__ = [
     "DEFAULT_ISO_DIR",

@@ -35,15 +35,10 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tvdnet._constants import (
-    KEY_LEN,
-    KEYSTORE_SCRYPT_MAXMEM,
-    KEYSTORE_SCRYPT_N,
-    KEYSTORE_SCRYPT_P,
-    KEYSTORE_SCRYPT_R,
-)
-from tvdnet._encoding import is_valid_id
-from tvdnet._errors import TvdnetError
+from tvdnet.core.constants import KEY_LEN
+from tvdnet.core.errors import TvdnetError
+from tvdnet.core.ids import is_valid_id
+from tvdnet.core.scheme import DeviceKeys, Pair, Schedule
 from tvdnet.keyfile import (
     KeyFileError,
     check_private,
@@ -51,9 +46,14 @@ from tvdnet.keyfile import (
     schedule_to_wire,
     write_private,
 )
-from tvdnet.scheme import DeviceKeys, Pair, Schedule
 
-from ._errors import KeystoreError
+from .constants import (
+    KEYSTORE_SCRYPT_MAXMEM,
+    KEYSTORE_SCRYPT_N,
+    KEYSTORE_SCRYPT_P,
+    KEYSTORE_SCRYPT_R,
+)
+from .errors import KeystoreError
 
 __all__ = ["ENCRYPTED", "PLAINTEXT", "Keystore", "MemberRecord", "check_scrypt_n"]
 

@@ -14,7 +14,7 @@ from typing import Final
 
 from tvdnet.keyfile import KeyFileError, check_private
 
-from ._errors import BridgeError
+from .errors import BridgeError
 
 __all__ = ["PASSPHRASE_ENV", "read_passphrase"]
 

@@ -14,14 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tvdnet._constants import KEYSTORE_SCRYPT_N
-from tvdnet._errors import NoSuchPeriod
+from tvdnet.core.errors import NoSuchPeriod
+from tvdnet.core.scheme import Schedule, generate
 from tvdnet.keyfile import write_computer_keys
-from tvdnet.scheme import Schedule, generate
 
 from ._config import TvdConfig
-from ._errors import KeystoreError, ProvisionError
 from ._keystore import Keystore, MemberRecord
+from .constants import KEYSTORE_SCRYPT_N
+from .errors import KeystoreError, ProvisionError
 
 __all__ = ["ProvisionResult", "check_targets", "provision"]
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tvdnet._constants import BRIDGE_ROLLOUT_HISTORY
+from .constants import BRIDGE_ROLLOUT_HISTORY
 
 __all__ = ["KeyUpdate", "Rollout", "RolloutLog"]
 

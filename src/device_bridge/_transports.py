@@ -28,7 +28,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,9 @@ from typing import Final
 
 import trio
 
-from tvdnet._streams import open_serial
-from tvdnet.channel import parse_address
+from tvdnet.control import open_owner_only_listener
+from tvdnet.core.channel import parse_address
+from tvdnet.ports import open_serial
 
 __all__ = [
     "CdromSwap",
@@ -48,7 +48,6 @@ __all__ = [
     "TcpListen",
     "UnixConnect",
     "UnixListen",
-    "bind_unix_private",
     "development_reason",
     "is_loopback",
     "open_listener",
@@ -276,37 +275,6 @@ async def open_listener(
                 await extra.aclose()
             return listeners[0]
         case UnixListen(path):
-            return await _unix_listener(path)
-
-
-def bind_unix_private(path: Path, backlog: int) -> trio.socket.SocketType:
-    """A listening Unix socket at `path`, mode 0600 from the moment it exists.
-
-    The umask does it, so no other local user can connect in between (SPEC §5: the port
-    is the authentication). The umask is process-wide: the bind is synchronous, so no
-    other task runs while it is changed.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(os.fspath(path))
-        finally:
-            os.umask(old_umask)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.socket.from_stdlib_socket(sock)
-
-
-async def _unix_listener(path: Path) -> trio.SocketListener:
-    # A socket file left by an earlier run is replaced; anything else is not ours to remove.
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    await trio.lowlevel.checkpoint()
-    return trio.SocketListener(bind_unix_private(path, 4))
+            # Owner-only (SPEC §5: the port is the authentication); a socket another
+            # live process answers on is refused, one left by a dead bridge replaced.
+            return await open_owner_only_listener(path, 4)

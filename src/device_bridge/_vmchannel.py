@@ -20,9 +20,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from tvdnet import channel
-from tvdnet._constants import CHANNEL_RESEND_INITIAL, CHANNEL_RESEND_MAX
-from tvdnet._errors import ChannelError
-from tvdnet.channel import Member
+from tvdnet.core.channel import Member
+from tvdnet.core.errors import ChannelError
+
+from .constants import CHANNEL_RESEND_INITIAL, CHANNEL_RESEND_MAX
 
 __all__ = ["Acked", "ChannelEvent", "ChannelState", "NodeSaid", "Refused", "VmChannel"]
 

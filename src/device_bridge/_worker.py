@@ -29,22 +29,9 @@ from pathlib import Path
 
 import trio
 
-from tvdnet import channel
-from tvdnet._clock import WallClock
-from tvdnet._constants import (
-    BRIDGE_CLOSE_TIMEOUT,
-    BRIDGE_FEED_PIECE,
-    BRIDGE_OUTPUT_LIMIT,
-    BRIDGE_READ_CHUNK,
-    BRIDGE_RECONNECT_INITIAL,
-    BRIDGE_RECONNECT_MAX,
-    BRIDGE_WRITE_TIMEOUT,
-    CHANNEL_RESEND_INITIAL,
-    CHANNEL_RESEND_MAX,
-)
-from tvdnet.channel import Member
+from tvdnet import WallClock, channel
+from tvdnet.core.channel import Member
 
-from ._errors import IsoError, QmpError
 from ._iso import open_qmp, write_update_image
 from ._log import emit
 from ._signal import Signal
@@ -62,6 +49,18 @@ from ._transports import (
     unix_socket_problem,
 )
 from ._vmchannel import Acked, NodeSaid, Refused, VmChannel
+from .constants import (
+    BRIDGE_CLOSE_TIMEOUT,
+    BRIDGE_FEED_PIECE,
+    BRIDGE_OUTPUT_LIMIT,
+    BRIDGE_READ_CHUNK,
+    BRIDGE_RECONNECT_INITIAL,
+    BRIDGE_RECONNECT_MAX,
+    BRIDGE_WRITE_TIMEOUT,
+    CHANNEL_RESEND_INITIAL,
+    CHANNEL_RESEND_MAX,
+)
+from .errors import ControlError, IsoError, QmpError
 
 __all__ = ["CdromWorker", "ChannelWorker", "OnAcked", "VmStatus", "Worker"]
 
@@ -276,8 +275,9 @@ class ChannelWorker:
             try:
                 listener = await open_listener(spec)
                 break
-            except OSError as exc:
-                emit(logging.ERROR, "listen-failed", vm=self.vm, port=spec, why=exc.strerror)
+            except (OSError, ControlError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                emit(logging.ERROR, "listen-failed", vm=self.vm, port=spec, why=why)
                 await trio.sleep(delay)
                 delay = min(delay * 2, BRIDGE_RECONNECT_MAX)
         emit(logging.INFO, "listening", vm=self.vm, port=spec)

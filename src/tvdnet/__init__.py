@@ -9,24 +9,32 @@ The guest side (the paper's "computer"). Public API:
 - `Session` and its events: the sans-I/O peer protocol (SPEC §4).
 """
 
-from . import channel, keyfile, scheme
+from . import keyfile
 from ._clock import WallClock
-from ._config import ConfigError, KeyChannelSpec, NodeConfig
-from ._constants import FRAME_LIMIT, MESSAGE_LIMIT, PROTOCOL_VERSION, SKEW_ALLOWANCE
-from ._errors import (
+from ._node import Node, open_node
+from .config import KeyChannelSpec, NodeConfig
+from .core import channel, scheme
+from .core.constants import FRAME_LIMIT, MESSAGE_LIMIT, PROTOCOL_VERSION, SKEW_ALLOWANCE
+from .core.errors import (
+    BroadcastFailed,
     ChannelError,
+    ConfigError,
+    ControlError,
     FrameError,
     InvalidId,
     InvalidKey,
     InvalidSchedule,
+    KeyFileError,
     MessageTooLarge,
     NoSuchPeriod,
+    SendFailedError,
+    SendTimeout,
     TvdnetError,
     UnknownPeer,
     UnserializableBody,
     WindowFull,
 )
-from ._events import (
+from .core.events import (
     ConnectionAuthenticated,
     Dial,
     Event,
@@ -37,8 +45,7 @@ from ._events import (
     Refused,
     SendFailed,
 )
-from ._node import BroadcastFailed, Node, SendFailedError, SendTimeout, open_node
-from ._session import ConnectionState, Session
+from .core.session import ConnectionState, Session
 
 __version__ = "0.1.0"
 
@@ -52,6 +59,7 @@ __all__ = [
     "ConfigError",
     "ConnectionAuthenticated",
     "ConnectionState",
+    "ControlError",
     "Dial",
     "Event",
     "FrameError",
@@ -60,6 +68,7 @@ __all__ = [
     "InvalidSchedule",
     "KeyChannelSpec",
     "KeyErased",
+    "KeyFileError",
     "Message",
     "MessageTooLarge",
     "MessagesAcknowledged",

@@ -1,4 +1,10 @@
-"""The `tvdnet` command: run a node, ask it for its status, send through it."""
+"""The `tvdnet` command: run a node, ask it for its status, send through it.
+
+Tools above the library (`tvdnet demo`, `tvdnet loadtest`) are plugins: each is an entry
+point of the group `tvdnet.commands` (a function that adds its subparser and sets its
+`handler`), loaded only when its command is the one asked for. The guest library never
+imports them; where the tools are not installed (a VM), the command says so.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,27 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import __version__
-from ._config import ConfigError, NodeConfig
-from ._control import control_request
-from ._errors import TvdnetError
 from ._node import open_node
+from .config import NodeConfig
+from .control import control_request
+from .core.errors import TvdnetError
 
 logger = logging.getLogger("tvdnet")
 
 
-def build_parser() -> argparse.ArgumentParser:
+PLUGIN_GROUP = "tvdnet.commands"
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvdnet", description="Key-insulated secure messaging between the VMs of a TVD."
     )
@@ -48,13 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("text", help="the message (sent as a msgpack string)")
     send.add_argument("--timeout", type=float, default=30.0)
 
-    from ._demo import add_demo_parser
-
-    add_demo_parser(commands)
-    from ._loadtest import add_loadtest_parser
-
-    add_loadtest_parser(commands)
+    node.set_defaults(handler=_node_command)
+    status.set_defaults(handler=_status_command)
+    send.set_defaults(handler=_send_command)
+    _add_plugins(commands, argv)
     return parser
+
+
+def _add_plugins(commands: Any, argv: Sequence[str]) -> None:
+    """The tools' subcommands: the one named in `argv` is loaded, the others only listed."""
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.name not in argv:
+            commands.add_parser(entry.name, help=f"a tool (`tvdnet {entry.name} --help`)")
+            continue
+        try:
+            register = entry.load()
+        except ImportError as exc:
+            missing = exc.name or "a module"
+            parser = commands.add_parser(entry.name)
+            parser.set_defaults(handler=partial(_not_installed, entry.name, missing))
+            continue
+        register(commands)
+
+
+def _not_installed(name: str, missing: str, args: argparse.Namespace) -> int:
+    print(
+        f"tvdnet {name}: a tool that is not installed here ({missing} is missing); "
+        "install it with: pip install 'tvdnet[tools]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 async def _run_node(config: NodeConfig) -> None:
@@ -89,43 +123,43 @@ def _control(path: Path, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(arguments).parse_args(arguments)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "node":
-        try:
-            config = NodeConfig.load(args.config)
-            if args.control is not None:
-                config = NodeConfig(**{**_fields(config), "control_socket": args.control})
-            trio.run(_run_node, config)
-        except (ConfigError, TvdnetError) as exc:
-            print(f"tvdnet: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "status":
-        print(json.dumps(_control(args.control, {"cmd": "status"}), indent=2))
-        return 0
-    if args.command == "send":
-        reply = _control(
-            args.control,
-            {"cmd": "send", "peer": args.peer, "body": args.text, "timeout": args.timeout},
-        )
-        if not reply.get("ok"):
-            print(f"tvdnet: {reply.get('type')}: {reply.get('error')}", file=sys.stderr)
-            return 1
-        return 0
-    if args.command == "demo":
-        from ._demo import run_demo
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
 
-        return run_demo(args)
-    if args.command == "loadtest":
-        from ._loadtest import run_loadtest
 
-        return run_loadtest(args)
-    raise AssertionError(f"unhandled command {args.command}")
+def _node_command(args: argparse.Namespace) -> int:
+    try:
+        config = NodeConfig.load(args.config)
+        if args.control is not None:
+            config = NodeConfig(**{**_fields(config), "control_socket": args.control})
+        trio.run(_run_node, config)
+    except TvdnetError as exc:
+        print(f"tvdnet: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    print(json.dumps(_control(args.control, {"command": "status"}), indent=2))
+    return 0
+
+
+def _send_command(args: argparse.Namespace) -> int:
+    reply = _control(
+        args.control,
+        {"command": "send", "peer": args.peer, "body": args.text, "timeout": args.timeout},
+    )
+    if not reply.get("ok"):
+        print(f"tvdnet: {reply.get('type')}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _fields(config: NodeConfig) -> dict[str, Any]:

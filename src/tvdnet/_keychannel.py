@@ -10,13 +10,13 @@ from typing import Protocol
 
 import trio
 
-from ._agent import KeyAgent
 from ._clock import WallClock
-from ._config import KeyChannelSpec
-from ._constants import CHANNEL_HELLO_RETRY
 from ._logs import RateLimitedLog
-from ._streams import find_virtio_port, open_char_device, open_serial
-from .channel import parse_address
+from .config import KeyChannelSpec
+from .core.agent import KeyAgent
+from .core.channel import parse_address
+from .core.constants import CHANNEL_HELLO_RETRY
+from .ports import find_virtio_port, open_char_device, open_serial
 
 __all__ = ["run_key_channel"]
 

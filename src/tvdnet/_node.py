@@ -16,6 +16,7 @@ and the outside world:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
@@ -24,8 +25,13 @@ from typing import Any
 
 import trio
 
-from . import _events as ev
-from ._agent import (
+from ._clock import WallClock
+from ._keychannel import run_key_channel
+from ._logs import RateLimitedLog
+from .config import NodeConfig
+from .control import serve_control
+from .core import events as ev
+from .core.agent import (
     AgentState,
     BridgeSaid,
     ChannelRefused,
@@ -34,51 +40,24 @@ from ._agent import (
     ScheduleMismatch,
     Welcomed,
 )
-from ._clock import WallClock
-from ._config import NodeConfig
-from ._control import serve_control
-from ._errors import TvdnetError, UnknownPeer
-from ._keychannel import run_key_channel
-from ._logs import RateLimitedLog
-from ._session import Session
-from .channel import parse_address
+from .core.channel import parse_address
+from .core.errors import (
+    BroadcastFailed,
+    SendFailedError,
+    SendTimeout,
+    TvdnetError,
+    UnknownPeer,
+)
+from .core.session import Session
 from .keyfile import load_computer_keys
 
-__all__ = ["BroadcastFailed", "Node", "SendFailedError", "SendTimeout", "open_node"]
+__all__ = ["Node", "open_node"]
 
 logger = logging.getLogger("tvdnet.node")
 
 _READ_SIZE = 65536
 _WRITE_TIMEOUT = 10.0  # a peer that takes longer to accept our bytes is dropped
 _DIAL_TIMEOUT = 5.0
-
-
-class SendTimeout(TvdnetError):
-    """The peer did not acknowledge in time. The message stays queued and is still
-    delivered at most once if the peer comes back; it is never lost silently."""
-
-    def __init__(self, peer: str, timeout: float) -> None:
-        super().__init__(f"peer {peer!r} did not acknowledge within {timeout:g} s")
-        self.peer = peer
-        self.timeout = timeout
-
-
-class SendFailedError(TvdnetError):
-    """The message can never be delivered (the peer left the TVD)."""
-
-    def __init__(self, peer: str, reason: str) -> None:
-        super().__init__(f"peer {peer!r}: {reason}")
-        self.peer = peer
-        self.reason = reason
-
-
-class BroadcastFailed(TvdnetError):
-    """Some peers did not acknowledge a broadcast; `failures` maps each to its error."""
-
-    def __init__(self, failures: dict[str, Exception]) -> None:
-        names = ", ".join(sorted(failures))
-        super().__init__(f"{len(failures)} peer(s) did not acknowledge: {names}")
-        self.failures = failures
 
 
 @dataclass(slots=True)
@@ -258,6 +237,28 @@ class Node:
             "peers": {peer: session.peer_status(peer) for peer in session.peers},
             "stats": self.stats,
         }
+
+    async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request (tvdnet.control): status, send, broadcast.
+
+        `send` and `broadcast` take an optional "timeout" in seconds (default: the node's
+        send_timeout) and answer once acknowledged.
+        """
+        command = request["command"]
+        timeout = request.get("timeout")
+        if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):
+            raise ValueError('"timeout" must be a number of seconds >= 0')
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "send":
+            if not isinstance(request.get("peer"), str):
+                raise ValueError('"send" needs "peer", a member id')
+            await self.send(request["peer"], request.get("body"), timeout=timeout)
+            return {"ok": True}
+        if command == "broadcast":
+            await self.broadcast(request.get("body"), timeout=timeout)
+            return {"ok": True}
+        raise ValueError(f"unknown command {command!r} (known: status, send, broadcast)")
 
     def _schedule_period(self) -> int | None:
         try:
@@ -528,7 +529,9 @@ async def open_node(
             node._clock,
         )
         if config.control_socket is not None:
-            await nursery.start(serve_control, node, config.control_socket)
+            await nursery.start(
+                functools.partial(serve_control, config.control_socket, node.handle_control)
+            )
         logger.info(
             "event=started vm=%s listen=%s key_channel=%s",
             node.vm,

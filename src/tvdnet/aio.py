@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from ._config import NodeConfig
-from ._events import Message
 from ._node import Node
 from ._node import open_node as open_trio_node
+from .config import NodeConfig
+from .core.events import Message
 
 __all__ = ["AsyncioNode", "open_node"]
 

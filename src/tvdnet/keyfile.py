@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Final
 
-from ._constants import KEY_LEN
-from ._encoding import is_valid_id
-from ._errors import InvalidSchedule, TvdnetError
-from .scheme import ComputerKeys, Schedule
+from .core.constants import KEY_LEN
+from .core.errors import InvalidSchedule, KeyFileError
+from .core.ids import is_valid_id
+from .core.scheme import ComputerKeys, Schedule
 
 __all__ = [
     "KeyFileError",
@@ -35,15 +35,6 @@ __all__ = [
 ]
 
 COMPUTER_KEYS_FORMAT: Final = "tvdnet-computer-keys"
-
-
-class KeyFileError(TvdnetError):
-    """A key file that is missing, unreadable, too open, or malformed."""
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 def check_private(path: Path) -> os.stat_result:

@@ -2,7 +2,7 @@
 
 The paper's case is one VM talking to 1,200 others. This starts, as separate processes,
 a real bridge (`tvdnet-bridge run`), a hub node, and N peer nodes spread over K worker
-processes (`python -m tvdnet._loadworker`); provisions a star-shaped TVD (hub <-> each
+processes (`python -m tvdnet_tools.loadworker`); provisions a star-shaped TVD (hub <-> each
 peer); drives traffic both ways between the hub and every peer for the duration while
 the bridge rotates periods; and reports what happened:
 
@@ -24,23 +24,24 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ._constants import SKEW_ALLOWANCE
-from ._local import console_command, free_port_block
+from tvdnet import ControlError
+from tvdnet.control import control_request
+from tvdnet.core.constants import SKEW_ALLOWANCE
 
-__all__ = ["add_loadtest_parser", "run_loadtest"]
+from .local import LocalMember, LocalTvd, console_command, free_port_block, stop_processes
+
+__all__ = ["register", "run_loadtest"]
 
 HUB = "hub"
 
@@ -73,8 +74,10 @@ def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
     return parse
 
 
-def add_loadtest_parser(commands: Any) -> None:
+def register(commands: Any) -> None:
+    """`tvdnet loadtest` (the entry point `tvdnet.commands`: loadtest)."""
     p = commands.add_parser("loadtest", help="one hub and many peers on loopback, with a report")
+    p.set_defaults(handler=run_loadtest)
     p.add_argument("--peers", type=_whole(1), required=True, help="peer nodes (the paper: 1,200)")
     p.add_argument(
         "--duration", type=_seconds(zero_ok=False), required=True, help="seconds of traffic"
@@ -199,6 +202,7 @@ class Run:
         self.finals: list[dict[str, Any]] = []
         self.rss: dict[str, float] = {}
         self.epoch = 0.0
+        self.local: LocalTvd  # written by provision()
         self.started = self.stopped = self.mono_started = 0.0
         self.per_peer_kib: float | None = None
         self.bridge_status: dict[str, Any] = {}
@@ -215,45 +219,34 @@ class Run:
         sockets = self.dir / "channels"
         sockets.mkdir(mode=0o700)
         self.epoch = time.time()
-        lines = [
-            'tvd = "loadtest"',
-            f"period_seconds = {self.args.period!r}",
-            "periods = 1000000",
-            f"epoch = {self.epoch!r}",
-            f'pairs = "star:{HUB}"',
-        ]
-        self.addresses = {}
-        for i, vm in enumerate(self.members):
-            self.addresses[vm] = f"127.0.0.1:{base + i}"
-            lines += [
-                "[[members]]",
-                f'id = "{vm}"',
-                f'address = "{self.addresses[vm]}"',
-                f'channel = "unix-listen:{sockets / vm}.sock"',
-            ]
-        self.tvd_file = self.dir / "tvd.toml"
-        self.tvd_file.write_text("\n".join(lines) + "\n")
-        self.keys = self.dir / "keys"
+        self.local = LocalTvd(
+            self.dir,
+            "loadtest",
+            [
+                LocalMember(
+                    vm,
+                    f"127.0.0.1:{base + i}",
+                    f"unix-listen:{sockets / vm}.sock",
+                    f"unix:{sockets / vm}.sock",
+                )
+                for i, vm in enumerate(self.members)
+            ],
+            period_s=self.args.period,
+            epoch=self.epoch,
+            pairs=f"star:{HUB}",
+        )
+        self.local.write()
         # G in-process (what `tvdnet-bridge provision --plaintext` does, without a second
         # interpreter start, which takes many seconds on a busy machine).
-        from device_bridge import load_config, provision
-
-        provision(
-            load_config(self.tvd_file),
-            self.keys / "keystore.json",
-            self.keys / "export",
-            passphrase=None,
-        )
+        self.local.provision()
 
     def node_config(self, vm: str) -> dict[str, Any]:
-        return {
-            "key_file": str(self.keys / "export" / f"{vm}.keys"),
-            "listen": self.addresses[vm],
-            "key_channel": f"unix:{self.dir / 'channels' / vm}.sock",
-            "send_timeout": 120.0,
-            "max_unauthenticated": len(self.members) + 64,
-            "skew_allowance": self.args.allowance,
-        }
+        return self.local.node_config(
+            vm,
+            send_timeout=120.0,
+            max_unauthenticated=len(self.members) + 64,
+            skew_allowance=self.args.allowance,
+        )
 
     def worker_specs(self) -> list[dict[str, Any]]:
         common = {"rate": self.args.rate, "size": self.args.size, "drain": 60}
@@ -292,8 +285,8 @@ class Run:
         logs.mkdir()
         async with trio.open_nursery() as nursery:
             command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
-            command += ["--config", str(self.tvd_file)]
-            command += ["--keystore", str(self.keys / "keystore.json")]
+            command += ["--config", str(self.local.tvd_file)]
+            command += ["--keystore", str(self.local.keystore)]
             command += ["--control", str(control), "--log-level", self.args.bridge_log_level]
             with (logs / "bridge.log").open("wb") as log:
                 bridge = await trio.lowlevel.open_process(command, stderr=log)
@@ -304,7 +297,7 @@ class Run:
                 path.write_text(json.dumps(spec))
                 with (logs / f"worker-{i}.log").open("wb") as log:
                     proc = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "tvdnet._loadworker", str(path)],
+                        [sys.executable, "-m", "tvdnet_tools.loadworker", str(path)],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=log,
@@ -320,16 +313,8 @@ class Run:
                 self.bridge_cpu_s = _cpu_seconds_of(bridge.pid)
             finally:
                 began = time.monotonic()
-                for proc in [*workers, bridge]:
-                    if proc.returncode is None:
-                        proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(30):
-                    for proc in [*workers, bridge]:
-                        await proc.wait()
-                for proc in [*workers, bridge]:
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                processes = {f"worker-{i}": proc for i, proc in enumerate(workers)}
+                await stop_processes({**processes, "bridge": bridge}, timeout=30)
                 self.phases["stop"] = time.monotonic() - began
             nursery.cancel_scope.cancel()
         return self.report()
@@ -423,15 +408,10 @@ class Run:
 
     async def _bridge_status(self, control: Path) -> dict[str, Any]:
         """What `tvdnet-bridge status --json` prints, asked over the control socket."""
-        from device_bridge import BridgeError
-        from device_bridge._control import control_request
-
         try:
             # A bridge serving a thousand VMs on a busy machine can take minutes to answer.
-            answer = await trio.to_thread.run_sync(
-                partial(control_request, control, "status", timeout=300)
-            )
-        except BridgeError as exc:
+            answer = await control_request(control, {"command": "status"}, timeout=300)
+        except ControlError as exc:
             self.bridge_status_error = str(exc)
             return {}
         status: dict[str, Any] = answer.get("status", {})

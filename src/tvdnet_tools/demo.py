@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import itertools
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -41,14 +39,16 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
-from . import _frames as frames
-from ._control import control_request
-from ._forge import RawPeer, period_key_from
-from ._local import console_command, free_port
-from .keyfile import load_computer_keys
-from .scheme import ComputerKeys, Pair, Schedule
+from tvdnet import ControlError
+from tvdnet.control import control_request
+from tvdnet.core import frames
+from tvdnet.core.scheme import ComputerKeys, Pair, Schedule
+from tvdnet.keyfile import load_computer_keys
 
-__all__ = ["add_demo_parser", "run_demo"]
+from .forge import RawPeer, period_key_from
+from .local import LocalMember, LocalTvd, console_command, free_port, stop_processes
+
+__all__ = ["register", "run_demo"]
 
 TVD: Final = "demo"
 MEMBERS: Final = ("vm-a", "vm-b", "vm-c")
@@ -73,8 +73,10 @@ NORMAL: Final = Pace(period_s=5.0, gap_s=0.7, burst=4, poll_s=0.2)
 FAST: Final = Pace(period_s=1.5, gap_s=0.05, burst=3, poll_s=0.1)
 
 
-def add_demo_parser(commands: Any) -> None:
+def register(commands: Any) -> None:
+    """`tvdnet demo` (the entry point `tvdnet.commands`: demo)."""
     demo = commands.add_parser("demo", help="a whole TVD on this machine, with a scripted chat")
+    demo.set_defaults(handler=run_demo)
     demo.add_argument(
         "--fast", action="store_true", help=f"periods of {FAST.period_s:g} s, done in under 30 s"
     )
@@ -104,11 +106,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _toml(value: str | float | int) -> str:
-    # A TOML basic string accepts JSON's string escapes; numbers are written the same way.
-    return json.dumps(value)
 
 
 @dataclass(slots=True)
@@ -152,8 +149,7 @@ class Demo:
         self.vms: dict[str, Vm] = {}
         self.bridge: trio.Process | None = None
         self.bridge_control = directory / "bridge" / "control.sock"
-        self.tvd_file = directory / "tvd.toml"
-        self.keys_dir = directory / "keys"
+        self.local: LocalTvd  # written by prepare()
         self.schedule: Schedule | None = None
         # The attacker's material (see the module docstring).
         self.dev_period = 0
@@ -217,35 +213,25 @@ class Demo:
                 control=self.dir / f"{vm}.control",
                 log=self.dir / f"{vm}.log",
             )
-        lines = [
-            "# Written by `tvdnet demo`: three VMs on this machine, key channels on ptys.",
-            f"tvd = {_toml(TVD)}",
-            f"period_seconds = {_toml(self.pace.period_s)}",
-            "periods = 100000",
-        ]
-        for v in self.vms.values():
-            lines += [
-                "",
-                "[[members]]",
-                f"id = {_toml(v.id)}",
-                f"address = {_toml(f'127.0.0.1:{v.port}')}",
-                f"channel = {_toml(f'pty:{v.pty}')}",
-            ]
-        self.tvd_file.write_text("\n".join(lines) + "\n")
+        self.local = LocalTvd(
+            self.dir,
+            TVD,
+            [
+                LocalMember(v.id, f"127.0.0.1:{v.port}", f"pty:{v.pty}", f"fd:{v.master}")
+                for v in self.vms.values()
+            ],
+            period_s=self.pace.period_s,
+            periods=100_000,
+        )
+        self.local.write()
 
     def provision(self) -> None:
-        """`tvdnet-bridge provision TVD --out DIR --plaintext`, run in this process (one
-        Python start fewer), its operator's instructions kept out of the demo's output."""
+        """G, as `tvdnet-bridge provision TVD --plaintext` does, in this process (one
+        Python start fewer); then each node's configuration."""
         from device_bridge import Keystore  # the host side: only the demo needs it here
-        from device_bridge._cli import main as bridge_main
 
-        output = io.StringIO()
-        command = ["provision", str(self.tvd_file), "--out", str(self.keys_dir), "--plaintext"]
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            code = bridge_main(command)
-        if code != 0:
-            raise RuntimeError(f"provisioning failed: {output.getvalue().strip()}")
-        keystore = Keystore.load(self.keys_dir / "keystore.json", None)
+        self.local.provision()
+        keystore = Keystore.load(self.local.keystore, None)
         try:
             self.schedule = keystore.schedule
             device = keystore.device_keys
@@ -255,15 +241,9 @@ class Demo:
             keystore.device_keys.erase()
             keystore.close()
         for vm, v in self.vms.items():
-            key_file = self.keys_dir / "export" / f"{vm}.keys"
-            self.computer[vm], _ = load_computer_keys(key_file)
-            v.config.write_text(
-                "# Written by `tvdnet demo`: the node of one VM (NodeConfig).\n"
-                f"key_file = {_toml(str(key_file))}\n"
-                f"listen = {_toml(f'127.0.0.1:{v.port}')}\n"
-                f"key_channel = {_toml(f'fd:{v.master}')}\n"
-                f"control_socket = {_toml(str(v.control))}\n"
-                f"send_timeout = {_toml(SEND_TIMEOUT)}\n"
+            self.computer[vm], _ = load_computer_keys(self.local.key_file(vm))
+            self.local.write_node_config(
+                vm, control_socket=str(v.control), send_timeout=SEND_TIMEOUT
             )
         self.say(
             f"provisioned TVD [bold]{TVD}[/] with [bold]tvdnet-bridge provision --plaintext[/]: "
@@ -285,8 +265,8 @@ class Demo:
 
     async def start(self, nursery: trio.Nursery) -> None:
         command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
-        command += ["--config", str(self.tvd_file)]
-        command += ["--keystore", str(self.keys_dir / "keystore.json")]
+        command += ["--config", str(self.local.tvd_file)]
+        command += ["--keystore", str(self.local.keystore)]
         command += ["--control", str(self.bridge_control)]
         with (self.dir / "bridge.log").open("wb") as log:
             self.bridge = await trio.lowlevel.open_process(
@@ -313,8 +293,8 @@ class Demo:
             while True:
                 ready = 0
                 for v in self.vms.values():
-                    with contextlib.suppress(OSError, ValueError):
-                        reply = await control_request(v.control, {"cmd": "status"})
+                    with contextlib.suppress(ControlError):
+                        reply = await control_request(v.control, {"command": "status"})
                         status = reply.get("status", {})
                         if status.get("period") is not None and all(
                             peer["has_key"] for peer in status["peers"].values()
@@ -375,8 +355,8 @@ class Demo:
         """Tell each period change once every node holds its keys (U* then U)."""
         while True:
             for v in self.vms.values():
-                with contextlib.suppress(OSError, ValueError):
-                    reply = await control_request(v.control, {"cmd": "status"})
+                with contextlib.suppress(ControlError):
+                    reply = await control_request(v.control, {"command": "status"})
                     v.status = reply.get("status", v.status)
                     v.period = v.status.get("period")
             periods = [v.period for v in self.vms.values()]
@@ -392,14 +372,9 @@ class Demo:
             await trio.sleep(self.pace.poll_s)
 
     async def _announce(self, period: int) -> None:
-        from device_bridge import ControlError
-        from device_bridge._control import control_request as bridge_request
-
         acked = ""
         with contextlib.suppress(ControlError, KeyError, TypeError):
-            reply = await trio.to_thread.run_sync(
-                lambda: bridge_request(self.bridge_control, "status", timeout=5.0)
-            )
+            reply = await control_request(self.bridge_control, {"command": "status"}, timeout=5.0)
             times = [
                 vm["last_latency"] * 1000
                 for vm in reply["status"]["vms"]
@@ -428,9 +403,9 @@ class Demo:
         self.expected[message_id] = set(recipients)
         body = {"id": message_id, "text": text, **(extra or {})}
         if to == EVERYONE:
-            request: dict[str, Any] = {"cmd": "broadcast", "body": body}
+            request: dict[str, Any] = {"command": "broadcast", "body": body}
         else:
-            request = {"cmd": "send", "peer": to, "body": body}
+            request = {"command": "send", "peer": to, "body": body}
         request["timeout"] = SEND_TIMEOUT
         if not quiet:
             target = "[bold]everyone[/]" if to == EVERYONE else self.vm(to)
@@ -439,7 +414,7 @@ class Demo:
             )
         try:
             reply = await control_request(self.vms[sender].control, request)
-        except OSError as exc:
+        except ControlError as exc:
             self.fail(f"{sender}'s control socket: {exc}")
             return
         if not reply.get("ok"):
@@ -453,7 +428,7 @@ class Demo:
     async def forge(self, as_vm: str, target: str) -> None:
         """A message to `target` sealed under as_vm's key of a period that has passed."""
         assert self.schedule is not None
-        reply = await control_request(self.vms[target].control, {"cmd": "status"})
+        reply = await control_request(self.vms[target].control, {"command": "status"})
         status = reply["status"]
         current = int(status["peers"][as_vm]["period"])
         before = int(status["stats"].get("rejected_expired", 0))
@@ -488,7 +463,7 @@ class Demo:
             return
         finally:
             await raw.aclose()
-        reply = await control_request(self.vms[target].control, {"cmd": "status"})
+        reply = await control_request(self.vms[target].control, {"command": "status"})
         after = int(reply["status"]["stats"].get("rejected_expired", 0))
         forgery.counted = after > before
         if forgery.refused:
@@ -576,24 +551,16 @@ class Demo:
             ):
                 await trio.sleep(0.05)
         for v in self.vms.values():
-            with contextlib.suppress(OSError, ValueError):
-                reply = await control_request(v.control, {"cmd": "status"})
+            with contextlib.suppress(ControlError):
+                reply = await control_request(v.control, {"command": "status"})
                 self.final[v.id] = reply["status"]
 
     async def stop(self) -> None:
-        processes = self._processes()
-        for _, process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_TIMEOUT):
-            for _, process in processes:
-                await process.wait()
-        for name, process in processes:
-            if process.returncode is None:
+        stopped = await stop_processes(dict(self._processes()), timeout=STOP_TIMEOUT)
+        for name, how in stopped.items():
+            if how.killed:
                 self.fail(f"{name} did not stop on SIGTERM; killed")
-                process.kill()
-                await process.wait()
-            self.exit_codes[name] = process.returncode
+            self.exit_codes[name] = how.returncode
 
     async def main(self) -> None:
         self.console.print(

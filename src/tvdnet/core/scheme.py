@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Final, NamedTuple
 
-from ._constants import KEY_LEN, SKEW_ALLOWANCE
-from ._encoding import check_id, pair_context, sorted_pair, u64
-from ._errors import InvalidId, InvalidKey, InvalidSchedule, NoSuchPeriod
+from .constants import KEY_LEN, SKEW_ALLOWANCE
+from .errors import InvalidId, InvalidKey, InvalidSchedule, NoSuchPeriod
+from .ids import check_id, pair_context, sorted_pair, u64
 
 __all__ = [
     "ComputerKeys",

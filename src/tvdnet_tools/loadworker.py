@@ -1,6 +1,6 @@
 """One worker process of `tvdnet loadtest`: many nodes in one trio run.
 
-    python -m tvdnet._loadworker SPEC.json
+    python -m tvdnet_tools.loadworker SPEC.json
 
 The spec names the nodes to run (configs), whom each sends to, the rate, the size, and
 where to write the final report. The worker and the orchestrator talk in JSON lines, in
@@ -42,9 +42,8 @@ from typing import Any
 
 import trio
 
-from ._config import NodeConfig
-from ._errors import TvdnetError
-from ._node import Node, open_node
+from tvdnet import Node, NodeConfig, open_node
+from tvdnet.core.errors import TvdnetError
 
 logger = logging.getLogger("tvdnet.loadtest")
 

@@ -1,41 +1,35 @@
 """Every error the bridge raises on purpose. They carry facts (file, line, key, member),
-never key material, passphrases or partial keys."""
+never key material, passphrases or partial keys.
+
+They sit in tvdnet's one hierarchy: `BridgeError` is a `TvdnetError`, and a TVD file that
+cannot be used raises tvdnet's `ConfigError` (file, line, key), as a node's file does; a
+control socket in the way or silent raises tvdnet's `ControlError`. Both are re-exported
+here, so that this module names every error a bridge command can end with.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tvdnet._errors import TvdnetError
+from tvdnet.core.errors import ConfigError, ControlError, KeyFileError, TvdnetError
 
 __all__ = [
     "BridgeError",
     "ConfigError",
     "ControlError",
     "IsoError",
+    "KeyFileError",
     "KeystoreError",
     "ProvisionError",
     "QmpError",
     "ReloadError",
     "TransportRefused",
+    "TvdnetError",
 ]
 
 
 class BridgeError(TvdnetError):
     """Base class of the bridge's own errors."""
-
-
-class ConfigError(BridgeError):
-    """A TVD file that cannot be used: names the file, the line (when known) and the key."""
-
-    def __init__(self, path: Path | str | None, line: int | None, key: str, problem: str) -> None:
-        where = str(path) if path is not None else "<config>"
-        if line is not None:
-            where += f":{line}"
-        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
-        self.path = Path(path) if path is not None else None
-        self.line = line
-        self.key = key
-        self.problem = problem
 
 
 class KeystoreError(BridgeError):
@@ -78,7 +72,3 @@ class QmpError(BridgeError):
         super().__init__(f"QMP: {what}" + (f" ({error_class})" if error_class else ""))
         self.what = what
         self.error_class = error_class
-
-
-class ControlError(BridgeError):
-    """The control socket is missing, not ours, or answered nonsense."""

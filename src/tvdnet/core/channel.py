@@ -15,10 +15,10 @@ from typing import Any, Final
 
 import msgpack
 
-from ._constants import CHANNEL_LIMIT, KEY_LEN, PROTOCOL_VERSION
-from ._encoding import is_valid_id
-from ._errors import ChannelError
-from ._stream import UNPACK_ERRORS, MsgpackReader, StreamDecodeError
+from .constants import CHANNEL_LIMIT, KEY_LEN, PROTOCOL_VERSION
+from .errors import ChannelError
+from .ids import is_valid_id
+from .reader import UNPACK_ERRORS, MsgpackReader, StreamDecodeError
 from .scheme import Schedule
 
 __all__ = [

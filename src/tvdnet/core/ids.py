@@ -3,7 +3,7 @@
 import re
 from typing import Final
 
-from ._errors import InvalidId
+from .errors import InvalidId
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _U64_LIMIT: Final = 1 << 64

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._constants import FRAME_LIMIT, INSTANCE_LEN, KEY_LEN, NONCE_LEN, PROTOCOL_VERSION
-from ._encoding import lp, u64
-from ._errors import FrameError
-from ._stream import MsgpackReader, StreamDecodeError
+from .constants import FRAME_LIMIT, INSTANCE_LEN, KEY_LEN, NONCE_LEN, PROTOCOL_VERSION
+from .errors import FrameError
+from .ids import lp, u64
+from .reader import MsgpackReader, StreamDecodeError
 
 HELLO: Final = 0
 DATA: Final = 1

@@ -23,28 +23,37 @@ Relative paths are relative to the TOML file. Key channels:
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ._constants import SKEW_ALLOWANCE
-from ._errors import TvdnetError
-from .channel import parse_address
+from .core.channel import parse_address
+from .core.constants import SKEW_ALLOWANCE
+from .core.errors import ConfigError
 
-__all__ = ["ConfigError", "KeyChannelSpec", "NodeConfig"]
+__all__ = ["ConfigError", "KeyChannelSpec", "NodeConfig", "read_toml"]
 
 CHANNEL_KINDS: Final = ("virtio", "tty", "unix", "tcp", "fd", "image")
+_SYNTAX_AT: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
 
 
-class ConfigError(TvdnetError):
-    """A node configuration that cannot be used; names the file and the key."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
-        self.source = source
-        self.key = key
-        self.problem = problem
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """A TOML file (a node's, a TVD file) and its text; ConfigError names the file, and
+    the line of a syntax error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(path, None, "", f"cannot read it ({problem})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        at = _SYNTAX_AT.search(message)
+        line = int(at.group(1)) if at else None
+        raise ConfigError(path, line, "", f"TOML syntax: {_SYNTAX_AT.sub('', message)}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,28 +94,22 @@ class NodeConfig:
         try:
             parse_address(self.listen, any_port=True)
         except ValueError as exc:
-            raise ConfigError(source, "listen", str(exc)) from None
+            raise ConfigError(source, None, "listen", str(exc)) from None
         for name in ("skew_allowance", "send_timeout"):
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-                raise ConfigError(source, name, "must be a number >= 0")
+                raise ConfigError(source, None, name, "must be a number >= 0")
         for name in ("max_unauthenticated", "inbox_size"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise ConfigError(source, name, "must be an integer >= 1")
+                raise ConfigError(source, None, name, "must be an integer >= 1")
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
         """Read a node's TOML file; every problem names the file and the key."""
         path = Path(path)
-        source = str(path)
-        try:
-            document = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(source, "(file)", f"cannot read it ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(source, "(syntax)", str(exc)) from None
-        return cls.from_mapping(document, base=path.parent, source=source)
+        document, _text = read_toml(path)
+        return cls.from_mapping(document, base=path.parent, source=str(path))
 
     @classmethod
     def from_mapping(
@@ -115,24 +118,26 @@ class NodeConfig:
         known = set(cls.__dataclass_fields__)
         for key in document:
             if key not in known:
-                raise ConfigError(source, key, f"unknown key (known: {', '.join(sorted(known))})")
+                raise ConfigError(
+                    source, None, key, f"unknown key (known: {', '.join(sorted(known))})"
+                )
         values: dict[str, Any] = {}
         for key in ("key_file", "listen"):
             if not isinstance(document.get(key), str):
-                raise ConfigError(source, key, "required, a string")
+                raise ConfigError(source, None, key, "required, a string")
         values["key_file"] = base / document["key_file"]
         values["listen"] = document["listen"]
         if "key_channel" in document:
             try:
                 values["key_channel"] = KeyChannelSpec.parse(str(document["key_channel"]))
             except ValueError as exc:
-                raise ConfigError(source, "key_channel", str(exc)) from None
+                raise ConfigError(source, None, "key_channel", str(exc)) from None
             if values["key_channel"].kind in ("tty", "unix", "image"):
                 target = base / values["key_channel"].target
                 values["key_channel"] = KeyChannelSpec(values["key_channel"].kind, str(target))
         if "control_socket" in document:
             if not isinstance(document["control_socket"], str):
-                raise ConfigError(source, "control_socket", "must be a path string")
+                raise ConfigError(source, None, "control_socket", "must be a path string")
             values["control_socket"] = base / document["control_socket"]
         for key in ("skew_allowance", "send_timeout", "max_unauthenticated", "inbox_size"):
             if key in document:
@@ -140,4 +145,4 @@ class NodeConfig:
         try:
             return cls(**values)
         except ConfigError as exc:
-            raise ConfigError(source, exc.key, exc.problem) from None
+            raise ConfigError(source, None, exc.key, exc.problem) from None

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import channel
-from ._constants import CHANNEL_HELLO_RETRY
-from ._errors import ChannelError
-from ._session import Session
 from .channel import Member
+from .constants import CHANNEL_HELLO_RETRY
+from .errors import ChannelError
 from .scheme import Schedule
+from .session import Session
 
 __all__ = [
     "AgentEvent",

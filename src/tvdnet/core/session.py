@@ -34,8 +34,8 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import _frames as frames
-from ._constants import (
+from . import frames
+from .constants import (
     DIAL_BACKOFF_INITIAL,
     DIAL_BACKOFF_MAX,
     HANDSHAKE_TIMEOUT,
@@ -51,9 +51,8 @@ from ._constants import (
     SEND_WINDOW_MESSAGES,
     SKEW_ALLOWANCE,
 )
-from ._encoding import id_order_key
-from ._errors import FrameError, MessageTooLarge, UnknownPeer, UnserializableBody, WindowFull
-from ._events import (
+from .errors import FrameError, MessageTooLarge, UnknownPeer, UnserializableBody, WindowFull
+from .events import (
     ConnectionAuthenticated,
     Dial,
     Event,
@@ -64,9 +63,10 @@ from ._events import (
     Refused,
     SendFailed,
 )
-from ._stream import UNPACK_ERRORS, StreamDecodeError
-from ._timers import Timers
+from .ids import id_order_key
+from .reader import UNPACK_ERRORS, StreamDecodeError
 from .scheme import ComputerKeys, KeyStatus, PeriodKey, Schedule, UpdateResult
+from .timers import Timers
 
 __all__ = ["ConnectionState", "Session"]
 

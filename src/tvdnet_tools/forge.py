@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import trio
 
-from . import _frames as frames
-from ._errors import NoSuchPeriod
-from .scheme import KeyBytes, computer_update, device_update, evolve_device_key
+from tvdnet.core import frames
+from tvdnet.core.errors import NoSuchPeriod
+from tvdnet.core.scheme import KeyBytes, computer_update, device_update, evolve_device_key
 
 __all__ = ["RawPeer", "period_key_from"]
 
