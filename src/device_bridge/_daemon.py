@@ -37,6 +37,7 @@ from ._config import MemberConfig, TvdConfig, load_config
 from ._iso import DEFAULT_ISO_DIR
 from ._keystore import Keystore, MemberRecord
 from ._log import emit, logger
+from ._retry import Backoff
 from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
 from ._transports import CdromSwap, development_reason
@@ -284,7 +285,7 @@ class Bridge:
 
     async def _supervise(self, running: _Running) -> None:
         """Run one VM's worker; a bug in one VM's handling must not stop the others."""
-        delay = 1.0
+        backoff = Backoff(1.0, BRIDGE_RECONNECT_MAX)
         with running.scope:
             while True:
                 try:
@@ -292,8 +293,7 @@ class Bridge:
                     return
                 except Exception:
                     logger.exception("event=worker-crashed vm=%s", running.worker.vm)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, BRIDGE_RECONNECT_MAX)
+                    await trio.sleep(backoff.failed())
 
     # ------------------------------------------------------------------ periods (U*)
 
@@ -392,7 +392,7 @@ class Bridge:
         """Keep the file in step with memory: one write at a time, the newest state each time."""
         keystore = self._keystore
         assert keystore is not None
-        delay = BRIDGE_KEYSTORE_RETRY
+        backoff = Backoff(BRIDGE_KEYSTORE_RETRY, BRIDGE_KEYSTORE_RETRY_MAX)
         while True:
             if not self._keystore_dirty:
                 self._keystore_idle.fire()
@@ -408,13 +408,13 @@ class Bridge:
             except KeystoreError as exc:
                 self.keystore_errors += 1
                 self._keystore_dirty = True
+                delay = backoff.failed()
                 emit(logging.ERROR, "keystore-write-failed", why=exc.problem, retry_s=delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, BRIDGE_KEYSTORE_RETRY_MAX)
                 continue
             finally:
                 self._keystore_busy = False
-            delay = BRIDGE_KEYSTORE_RETRY
+            backoff.succeeded()
             self.keystore_period = period
             self.keystore_writes += 1
             self.last_keystore_write_s = time.perf_counter() - started

@@ -23,6 +23,7 @@ from tvdnet import channel
 from tvdnet.core.channel import Member
 from tvdnet.core.errors import ChannelError
 
+from ._retry import Backoff
 from .constants import CHANNEL_RESEND_INITIAL, CHANNEL_RESEND_MAX
 
 __all__ = ["Acked", "ChannelEvent", "ChannelState", "NodeSaid", "Refused", "VmChannel"]
@@ -82,7 +83,7 @@ class VmChannel:
         self._unacked = False
         self._end_of_update = math.inf  # when the current update's period ends
         self._resend_at = math.inf
-        self._backoff = CHANNEL_RESEND_INITIAL
+        self._backoff = Backoff(CHANNEL_RESEND_INITIAL, CHANNEL_RESEND_MAX)
         self._reader = channel.ChannelReader()
         self._out = bytearray()
         self._events: deque[ChannelEvent] = deque()
@@ -152,7 +153,7 @@ class VmChannel:
         self._update = _Pending(t, update)
         self._unacked = True
         self._end_of_update = period_end
-        self._backoff = CHANNEL_RESEND_INITIAL
+        self._backoff.succeeded()
         if members is not None:
             self._welcome = channel.Welcome(
                 self._welcome.tvd, self._welcome.vm, self._welcome.schedule, members
@@ -179,7 +180,7 @@ class VmChannel:
             self._resend_at = math.inf
         if now >= self._resend_at and self._unacked and self.state is ChannelState.READY:
             self.resends += 1
-            self._backoff = min(self._backoff * 2, CHANNEL_RESEND_MAX)
+            self._backoff.failed()
             self._send_update(now)
 
     # ------------------------------------------------------------------ messages
@@ -191,7 +192,7 @@ class VmChannel:
         if pending.first_sent is None:
             pending.first_sent = now
         self._out += pending.data
-        self._resend_at = now + self._backoff
+        self._resend_at = now + self._backoff.delay
 
     def _refuse(self, reason: str, detail: str, *, disconnect: bool) -> None:
         self._out += channel.encode(channel.Error(reason))
@@ -219,7 +220,7 @@ class VmChannel:
                 if pending is not None and now < self._end_of_update:
                     pending.first_sent = None
                     self._unacked = True
-                    self._backoff = CHANNEL_RESEND_INITIAL
+                    self._backoff.succeeded()
                     self._send_update(now)
             case channel.Ack(t, applied, missing):
                 pending = self._update

@@ -34,6 +34,7 @@ from tvdnet.core.channel import Member
 
 from ._iso import open_qmp, write_update_image
 from ._log import emit
+from ._retry import Backoff, PlannedSwap, SwapPlan
 from ._signal import Signal
 from ._transports import (
     CdromSwap,
@@ -57,8 +58,6 @@ from .constants import (
     BRIDGE_RECONNECT_INITIAL,
     BRIDGE_RECONNECT_MAX,
     BRIDGE_WRITE_TIMEOUT,
-    CHANNEL_RESEND_INITIAL,
-    CHANNEL_RESEND_MAX,
 )
 from .errors import ControlError, IsoError, QmpError
 
@@ -242,7 +241,7 @@ class ChannelWorker:
                 raise TypeError("a cdrom channel is served by CdromWorker")
 
     async def _dial_forever(self, spec: UnixConnect | TcpConnect | SerialLine) -> None:
-        delay = BRIDGE_RECONNECT_INITIAL
+        backoff = Backoff(BRIDGE_RECONNECT_INITIAL, BRIDGE_RECONNECT_MAX)
         last_problem = ""
         while True:
             problem = ""
@@ -259,18 +258,17 @@ class ChannelWorker:
                 if problem != last_problem:
                     emit(logging.INFO, "port-unavailable", vm=self.vm, port=spec, why=problem)
                     last_problem = problem
-                await trio.sleep(delay)
-                delay = min(delay * 2, BRIDGE_RECONNECT_MAX)
+                await trio.sleep(backoff.failed())
                 continue
             last_problem = ""
-            delay = BRIDGE_RECONNECT_INITIAL
+            backoff.succeeded()
             await self._serve(stream, resettable=isinstance(spec, SerialLine))
             # The port closed (EOF, EIO, a refused hello, a stuck write): wait before
             # opening it again, so a port that fails at once is not a busy loop.
             await trio.sleep(BRIDGE_RECONNECT_INITIAL)
 
     async def _accept_forever(self, spec: UnixListen | TcpListen | StreamPort) -> None:
-        delay = BRIDGE_RECONNECT_INITIAL
+        backoff = Backoff(BRIDGE_RECONNECT_INITIAL, BRIDGE_RECONNECT_MAX)
         while True:
             try:
                 listener = await open_listener(spec)
@@ -278,8 +276,7 @@ class ChannelWorker:
             except (OSError, ControlError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) else str(exc)
                 emit(logging.ERROR, "listen-failed", vm=self.vm, port=spec, why=why)
-                await trio.sleep(delay)
-                delay = min(delay * 2, BRIDGE_RECONNECT_MAX)
+                await trio.sleep(backoff.failed())
         emit(logging.INFO, "listening", vm=self.vm, port=spec)
         try:
             async with trio.open_nursery() as nursery:
@@ -440,10 +437,7 @@ class CdromWorker:
         self._allow_dev = allow_dev
         self._wake = Signal()
         self._acked_signal = Signal()
-        self._update: tuple[int, bytes, float] | None = None  # t, encoded update, period end
-        self._retry_at = math.inf
-        self._delay = CHANNEL_RESEND_INITIAL
-        self.swapped = 0
+        self.plan = SwapPlan()
         self.connected = False
         self.attempts = 0
         self.failures = 0  # swaps that failed and were retried
@@ -462,16 +456,16 @@ class CdromWorker:
         *,
         members: tuple[Member, ...] | None = None,
     ) -> None:
-        # Approach I carries no welcome or members message, only the update; after a
-        # membership change the same period's image is swapped in again without the peer.
-        if t != self.swapped or members is not None:
-            self._update = (t, update, period_end)
-            self._retry_at = -math.inf
-            self._delay = CHANNEL_RESEND_INITIAL
+        if self.plan.new_update(t, update, period_end, resend=members is not None):
             self._wake.fire()
 
     def drop_update(self) -> None:
-        self._update = None
+        self.plan.drop()
+
+    @property
+    def swapped(self) -> int:
+        """The newest period swapped in."""
+        return self.plan.swapped_t
 
     def status(self, current: int | None) -> VmStatus:
         return VmStatus(
@@ -493,26 +487,16 @@ class CdromWorker:
 
     async def run(self) -> None:
         while True:
-            update = self._update
-            if update is None or self._retry_at > self._clock.now():
-                wake_at = self._retry_at if update is not None else math.inf
-                with trio.move_on_at(self._clock.trio_time(wake_at)):
+            swap = self.plan.due(self._clock.now())
+            if swap is None:
+                with trio.move_on_at(self._clock.trio_time(self.plan.next_deadline())):
                     await self._wake.wait()
                 continue
-            t, data, end = update
-            if self._clock.now() >= end:
-                self._update = None  # SPEC §5: retried until its period ends, no longer
-                continue
-            swapped = await self._swap(t, data)
-            if self._update is not update:
-                continue  # a newer update arrived during the swap: it goes next, at once
-            if swapped:
-                self._update = None
-            else:
-                self._retry_at = self._clock.now() + self._delay
-                self._delay = min(self._delay * 2, CHANNEL_RESEND_MAX)
+            if not await self._swap(swap):
+                self.plan.failed(swap, self._clock.now())
 
-    async def _swap(self, t: int, data: bytes) -> bool:
+    async def _swap(self, swap: PlannedSwap) -> bool:
+        t, data = swap.t, swap.update
         self.attempts += 1
         started = self._clock.now()
         image: Path | None = None
@@ -536,7 +520,7 @@ class CdromWorker:
                 # SPEC §5: deleted after the swap (QEMU holds it open; nothing stays on disk).
                 _unlink(image)
         self.connected = True
-        self.swapped = max(self.swapped, t)
+        self.plan.swapped(swap)
         self.last_latency = self._clock.now() - started
         emit(logging.INFO, "swapped", vm=self.vm, t=t, latency_ms=self.last_latency * 1000)
         self._on_acked(self.vm, t, self._clock.now())
