@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict src/tvdnet src/device_bridge src/tvdnet_tools
+	$(BIN)/mypy --strict src/tvdnet src/device_bridge src/tvdnet_tools tests
 	$(BIN)/lint-imports
 
 test: lint

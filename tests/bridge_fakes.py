@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 
@@ -100,10 +100,13 @@ class Reference:
         return out
 
 
+M = TypeVar("M", bound=channel.ChannelMessage)
+
+
 @dataclass
-class Received:
+class Received(Generic[M]):
     at: float  # wall time by the bridge's clock when the guest read it
-    message: channel.ChannelMessage
+    message: M
 
 
 class FakeGuest:
@@ -117,7 +120,7 @@ class FakeGuest:
         self.clock = clock
         self.ack = ack
         self.reader = channel.ChannelReader()
-        self.received: list[Received] = []
+        self.received: list[Received[channel.ChannelMessage]] = []
         self._arrived = trio.Event()
         self.eof = trio.Event()  # set when the bridge hung up (or the stream broke)
         self._sending = trio.StrictFIFOLock()
@@ -173,8 +176,9 @@ class FakeGuest:
     def of(self, kind: type[Any]) -> list[Any]:
         return [r.message for r in self.received if isinstance(r.message, kind)]
 
-    def updates(self) -> list[Received]:
-        return [r for r in self.received if isinstance(r.message, channel.Update)]
+    def updates(self) -> list[Received[channel.Update]]:
+        updates = [r for r in self.received if isinstance(r.message, channel.Update)]
+        return cast("list[Received[channel.Update]]", updates)  # each message is an Update
 
 
 def partials_bytes(update: channel.Update) -> dict[str, bytes]:

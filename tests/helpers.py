@@ -77,8 +77,8 @@ class Link:
         self.a, self.b = a, b
         self.conn_a = a.connect(b.me, now)
         self.conn_b = b.accept(now)
-        self.sent_by_a: list[bytes] = []  # raw chunks, for tests that inspect frames
-        self.sent_by_b: list[bytes] = []
+        self.sent_by_a: list[bytearray] = []  # raw chunks, for tests that inspect frames
+        self.sent_by_b: list[bytearray] = []
         self.closed = False
 
     def side(self, session: Session) -> int:
@@ -113,7 +113,7 @@ def events(session: Session) -> list[Any]:
     return out
 
 
-def frames_in(chunks: list[bytes]) -> list[Any]:
+def frames_in(chunks: Iterable[bytes | bytearray]) -> list[Any]:
     unpacker = msgpack.Unpacker(raw=False)
     for chunk in chunks:
         unpacker.feed(chunk)

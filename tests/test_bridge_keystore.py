@@ -49,13 +49,15 @@ def test_an_encrypted_keystore_round_trips(tmp_path: Path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o600
     outer = document(path)
     assert outer["encryption"] == "scrypt+aes-256-gcm"
-    assert outer["kdf"] == {
+    kdf = outer["kdf"]
+    assert isinstance(kdf, dict)
+    assert kdf == {
         "name": "scrypt",
         "n": FAST_N,
         "r": 8,
         "p": 1,
-        "salt": outer["kdf"]["salt"],
-    }  # type: ignore[index]
+        "salt": kdf["salt"],
+    }
     text = path.read_text()
     for pair in keystore.device_keys.pairs:  # nothing of a key is readable in the file
         assert reference.dev(pair, 3).hex() not in text

@@ -13,7 +13,7 @@ from tvdnet.core.constants import CHANNEL_LIMIT
 from tvdnet.core.scheme import Schedule
 
 MEMBERS = (Member("vm-a", "127.0.0.1:7001"), Member("vm-b", "[::1]:7002"))
-MESSAGES = [
+MESSAGES: list[channel.ChannelMessage] = [
     Hello("vm-a", 0),
     Hello("vm-a", 17),
     Welcome("tvd-1", "vm-a", Schedule(1700000000.5, 5.0, 100), MEMBERS),

@@ -59,7 +59,7 @@ def local_tvd(tmp_path: Path) -> Iterator[Path]:
             bridge.wait()
 
 
-def _chat(config: Path) -> pexpect.spawn:
+def _chat(config: Path) -> pexpect.spawn[str]:
     # TERM=dumb: rich writes plain text, so the patterns below see no escape codes.
     environment = {**os.environ, "TERM": "dumb", "NO_COLOR": "1"}
     return pexpect.spawn(

@@ -228,6 +228,7 @@ def test_hellos_said_before_the_answer_is_written_get_one_answer() -> None:
         w.bridge.receive_data(hello, mid(2) + i)
     out = list(channel.ChannelReader().feed(w.bridge.data_to_send()))
     assert [type(m) for m in out] == [channel.Welcome, channel.Update]
+    assert isinstance(out[1], channel.Update)
     assert out[1].t == 2
     # Once taken for writing, an answer is in flight: the next hello gets another.
     w.bridge.receive_data(hello, mid(2) + 3)
@@ -243,6 +244,7 @@ def test_a_hello_supersedes_a_queued_members_message_and_resend() -> None:
     w.bridge.receive_data(channel.encode(channel.Hello("vm-a", 2)), mid(3))
     out = list(channel.ChannelReader().feed(w.bridge.data_to_send()))
     assert [type(m) for m in out] == [channel.Welcome, channel.Update]
+    assert isinstance(out[0], channel.Welcome) and isinstance(out[1], channel.Update)
     assert out[0].members == MEMBERS[:1]
     assert out[1].t == 3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -13,6 +14,9 @@ from nodes import Harness
 
 from tvdnet import SendTimeout, UnknownPeer
 from tvdnet.control import control_request, serve_control
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @pytest.fixture
@@ -224,5 +228,5 @@ async def test_a_reader_that_lags_holds_senders_back(
         assert b.waiting == 0
 
 
-def _fields(config: object) -> dict[str, object]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}  # type: ignore[attr-defined]
+def _fields(config: DataclassInstance) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}

@@ -45,7 +45,7 @@ async def still_serving(h: Harness) -> None:
     assert (await h.nodes["vm-b"].receive()).body == "still here"
 
 
-async def open_as_member(h: Harness) -> RawPeer:
+async def open_as_member(h: Harness) -> forge.RawPeer:
     """A raw connection to vm-b that claims to be vm-a (it holds vm-a's keys)."""
     raw = await RawPeer.connect(h.ports["vm-b"])
     await raw.hello(h.tvd, "vm-a", "vm-b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -108,16 +109,18 @@ def test_reprs_hold_no_key_material() -> None:
 
 
 @pytest.mark.parametrize("fn", [evolve_device_key, device_update])
-def test_device_functions_refuse_bad_inputs(fn: object) -> None:
-    call = fn  # type: ignore[assignment]
+def test_device_functions_refuse_bad_inputs(
+    fn: Callable[[bytes, str, str, str, int], bytes],
+) -> None:
+    call = fn
     with pytest.raises(InvalidKey, match="exactly 32 bytes"):
-        call(b"short", "tvd", "a", "b", 1)  # type: ignore[operator]
+        call(b"short", "tvd", "a", "b", 1)
     with pytest.raises(NoSuchPeriod):
-        call(KEY, "tvd", "a", "b", 0)  # type: ignore[operator]
+        call(KEY, "tvd", "a", "b", 0)
     with pytest.raises(InvalidId, match="two different members"):
-        call(KEY, "tvd", "a", "a", 1)  # type: ignore[operator]
+        call(KEY, "tvd", "a", "a", 1)
     with pytest.raises(InvalidId, match="member b"):
-        call(KEY, "tvd", "a", "b/c", 1)  # type: ignore[operator]
+        call(KEY, "tvd", "a", "b/c", 1)
 
 
 def test_computer_update_refuses_a_short_partial_without_echoing_it() -> None:
