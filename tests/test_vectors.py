@@ -7,8 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from helpers import SHARED_SPEC, VECTORS_PATH, events, load_vectors
-from tvdnet import Message, Session
+from helpers import SHARED_SPEC, VECTORS_PATH, connection, events, frames_in, load_vectors
+from tvdnet import ConnectionState, Message, Session
 from tvdnet.core import frames
 from tvdnet.core.scheme import (
     ComputerKeys,
@@ -123,15 +123,72 @@ def test_session(v: dict[str, Any]) -> None:
         opened = frames.open_data(frames.new_aead(key), t, d["n"], frame[-len(plaintext) - 16 :])
         assert msgpack.unpackb(opened, raw=False) == d["inner"]
 
-    # Frames numbered 0 are what a fresh connection reads next: the Session opens them.
-    if v["data_initiator_to_responder"]["n"] == 0:
-        responder.receive_data(
-            conn_r, bytes.fromhex(v["data_initiator_to_responder"]["frame"]), now
-        )
-        received = [e for e in events(responder) if isinstance(e, Message)]
-        assert received == [Message(ini, t, {"text": f"hello, {res}", "n": 1})]
-        initiator.receive_data(
-            conn_i, bytes.fromhex(v["data_responder_to_initiator"]["frame"]), now
-        )
-        received = [e for e in events(initiator) if isinstance(e, Message)]
-        assert received == [Message(res, t, f"hi {ini}")]
+
+def _connected(v: dict[str, Any]) -> tuple[Session, Session, int, int, float]:
+    """The vector's two Sessions, HELLOs exchanged and period t's key applied at both."""
+    tvd, ini, res, t = v["tvd"], v["initiator"], v["responder"], v["t"]
+    now = t - 0.5
+    initiator = _session_for(v, ini, res, "initiator")
+    responder = _session_for(v, res, ini, "responder")
+    conn_i = initiator.connect(res, now)
+    conn_r = responder.accept(now)
+    responder.receive_data(conn_r, initiator.data_to_send(conn_i, now), now)
+    initiator.receive_data(conn_i, responder.data_to_send(conn_r, now), now)
+    dev = bytes.fromhex(v["dev_t"])
+    for session, peer in ((initiator, res), (responder, ini)):
+        partial = bytearray(device_update(dev, tvd, ini, res, t))
+        session.apply_update(t, {peer: partial}, now)
+    return initiator, responder, conn_i, conn_r, now
+
+
+@pytest.mark.parametrize("v", VECTORS["sessions"], ids=lambda v: v["tvd"])
+def test_the_session_receives_each_vector_frame(v: dict[str, Any]) -> None:
+    """Each vector DATA frame, fed to the receiving Session at its counter, is opened and
+    its message delivered (a connection that has carried n frames already reads frame n)."""
+    ini, res, t = v["initiator"], v["responder"], v["t"]
+    initiator, responder, conn_i, conn_r, now = _connected(v)
+    for receiver, conn, direction, sender in (
+        (responder, conn_r, "data_initiator_to_responder", ini),
+        (initiator, conn_i, "data_responder_to_initiator", res),
+    ):
+        d = v[direction]
+        events(receiver)
+        connection(receiver, conn).recv_n = d["n"]  # the frames before it were read
+        receiver.receive_data(conn, bytes.fromhex(d["frame"]), now)
+        bodies = [body for kind, _seq, body in d["inner"] if kind == frames.MSG]
+        got = [e for e in events(receiver) if isinstance(e, Message)]
+        assert got == [Message(sender, t, body) for body in bodies]
+        assert receiver.connection_state(conn) is ConnectionState.OPEN
+
+
+@pytest.mark.parametrize("v", VECTORS["sessions"], ids=lambda v: v["tvd"])
+def test_the_session_seals_under_the_vector_traffic_keys(v: dict[str, Any]) -> None:
+    """The DATA frames a Session produces open under the vector's traffic key of their
+    direction, with the nonce and associated data of SPEC §4, and carry its message."""
+    ini, res, t = v["initiator"], v["responder"], v["t"]
+    initiator, responder, conn_i, conn_r, now = _connected(v)
+    opened: dict[str, list[Any]] = {
+        "key_initiator_to_responder": [],
+        "key_responder_to_initiator": [],
+    }
+    initiator.send(res, {"text": f"hello, {res}", "n": 1}, now)
+    responder.send(ini, f"hi {ini}", now)
+    for _ in range(4):  # both sides speak until the messages went out
+        for sender, conn, receiver, other, direction in (
+            (initiator, conn_i, responder, conn_r, "key_initiator_to_responder"),
+            (responder, conn_r, initiator, conn_i, "key_responder_to_initiator"),
+        ):
+            data = sender.data_to_send(conn, now)
+            for frame in frames_in([data]):
+                if frame[0] != frames.DATA:
+                    continue
+                _, frame_t, n, ciphertext = frame
+                assert frame_t == t
+                aead = frames.new_aead(bytes.fromhex(v[direction]))
+                inner = msgpack.unpackb(
+                    frames.open_data(aead, t, n, ciphertext), raw=False, strict_map_key=False
+                )
+                opened[direction].extend(item for item in inner if item[0] == frames.MSG)
+            receiver.receive_data(other, data, now)
+    assert opened["key_initiator_to_responder"] == [[0, 1, {"text": f"hello, {res}", "n": 1}]]
+    assert opened["key_responder_to_initiator"] == [[0, 1, f"hi {ini}"]]
