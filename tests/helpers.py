@@ -48,6 +48,7 @@ class Tvd:
         self.provisioning = generate(tvd, self.members)
         self.device = self.provisioning.for_bridge()
         self.sessions: dict[str, Session] = {}
+        self._updates: dict[int, dict[str, dict[str, bytes]]] = {}
 
     def computer_keys(self, vm: str) -> ComputerKeys:
         return self.provisioning.for_vm(vm)
@@ -57,10 +58,17 @@ class Tvd:
         self.sessions[vm] = session
         return session
 
+    def updates_of(self, vm: str, t: int) -> dict[str, bytes]:
+        """The partial keys of `vm`'s pairs for period t, as the bridge computed them
+        (the device keys only move forward; each period's partials are kept)."""
+        for period in range(self.device.period, t + 1):
+            self.device.evolve_to(period)
+            self._updates.setdefault(period, {m: self.device.partials_for(m) for m in self.members})
+        return self._updates[t][vm]
+
     def partials(self, vm: str, t: int) -> dict[str, bytearray]:
-        """The bridge's update for `vm` in period t (tests only move forward in time)."""
-        self.device.evolve_to(t)
-        return {peer: bytearray(p) for peer, p in self.device.partials_for(vm).items()}
+        """The bridge's update for `vm` in period t, ready to apply (and be zeroed)."""
+        return {peer: bytearray(p) for peer, p in self.updates_of(vm, t).items()}
 
     def update(self, vm: str, t: int, now: float) -> tuple[int, list[str]]:
         return self.sessions[vm].apply_update(t, self.partials(vm, t), now)
@@ -73,10 +81,10 @@ class Tvd:
 class Link:
     """One connection between two sessions, carried in memory."""
 
-    def __init__(self, a: Session, b: Session, now: float) -> None:
+    def __init__(self, a: Session, b: Session, now: float, source: str | None = None) -> None:
         self.a, self.b = a, b
         self.conn_a = a.connect(b.me, now)
-        self.conn_b = b.accept(now)
+        self.conn_b = b.accept(now, source)
         self.sent_by_a: list[bytearray] = []  # raw chunks, for tests that inspect frames
         self.sent_by_b: list[bytearray] = []
         self.closed = False
@@ -130,7 +138,7 @@ def open_frame_as(receiver: Session, conn_id: int, frame: list[Any]) -> list[Any
     assert conn.peer is not None
     peer = receiver._peers[conn.peer]
     key = frames.traffic_key(
-        peer.key.open_key(), receiver.tvd, conn.peer, receiver.me, frame[1],
+        peer.keys.open_key(frame[1]), receiver.tvd, conn.peer, receiver.me, frame[1],
         conn.peer_nonce, conn.local_nonce, conn.peer_instance, receiver.instance,
     )  # fmt: skip
     plaintext = frames.open_data(frames.new_aead(key), frame[1], frame[2], frame[3])

@@ -53,7 +53,8 @@ async def test_a_node_whose_keys_come_late_every_period_keeps_talking(
         await h.wait_keys()
         a, b = h.nodes["vm-a"], h.nodes["vm-b"]
         # vm-a's update comes 3.5 s into each period, past the 2 s allowance: vm-a holds
-        # no key from 2 s to 3.5 s of every period, while vm-b holds the new one.
+        # no key from 2 s to 3.5 s of every period (the old one's overlap ends at 2 s),
+        # while vm-b holds the new one.
         _delay_updates(h, "vm-a", 3.5, nursery)
         got: dict[str, list[int]] = {"vm-a": [], "vm-b": []}
         count = 80  # one every 0.5 s: 40 s, 8 periods
@@ -77,10 +78,11 @@ async def test_a_node_whose_keys_come_late_every_period_keeps_talking(
                 traffic.start_soon(receiver, node)
                 traffic.start_soon(sender, node, peer)
         assert got == {"vm-a": list(range(count)), "vm-b": list(range(count))}  # once, in order
-        # The scenario happened: vm-a's keys lapsed every period, and for the first 3.5 s of
-        # each period each refused the other's frames (different periods, then no key).
+        # The scenario happened: vm-a's keys lapsed every period (SPEC §4: a node whose
+        # update comes later than the allowance is cut off until it arrives): once the
+        # overlap closed, vm-b sealed under the new period, which vm-a refused unknown.
         assert a.stats["keys_erased"] >= 7
-        assert a.stats["rejected_unknown"] > 0 and b.stats["rejected_expired"] > 0
+        assert a.stats["rejected_unknown"] > 0
         # No message waited past vm-a's late key: a new key re-sends at once (SPEC §4),
         # rather than after the re-send back-off that the REJECTs had started.
         assert max(latencies) < 4.5

@@ -13,9 +13,8 @@ from tvdnet import InvalidId, InvalidKey, InvalidSchedule, NoSuchPeriod
 from tvdnet.core.scheme import (
     ComputerKeys,
     DeviceKeys,
-    KeyStatus,
     Pair,
-    PeriodKey,
+    PairKeys,
     Schedule,
     UpdateResult,
     computer_update,
@@ -198,7 +197,7 @@ def test_period_at_agrees_with_start_and_end(epoch: float, period_s: float, offs
     assert s.start(t) <= now < s.end(t)
 
 
-# --------------------------------------------------------------------------- PeriodKey
+# --------------------------------------------------------------------------- PairKeys
 
 S = Schedule(epoch=0.0, period_s=10.0, periods=100)
 
@@ -207,62 +206,86 @@ def partial_for(t: int) -> bytearray:
     return bytearray(device_update(KEY, "tvd", "a", "b", t))
 
 
-def test_period_key_applies_only_newer_periods_and_zeroes_what_it_replaces() -> None:
-    state = PeriodKey("tvd", "a", "b", S)
+def sk(t: int) -> bytes:
+    return computer_update(partial_for(t), KEY, "tvd", "a", "b", t)
+
+
+def test_pair_keys_apply_only_newer_periods_and_keep_the_previous_one() -> None:
+    state = PairKeys("tvd", "a", "b", S)
     partial = partial_for(2)
-    assert state.apply(2, partial, KEY, now=15.0) is UpdateResult.APPLIED
+    assert state.apply(2, partial, KEY, now=15.0) == (UpdateResult.APPLIED, [])
     assert partial == bytearray(32)  # the partial is erased
-    old = state.open_key()
-    assert bytes(old) == computer_update(partial_for(2), KEY, "tvd", "a", "b", 2)
-    assert state.apply(2, partial_for(2), KEY, now=15.0) is UpdateResult.OLD
-    assert state.apply(1, partial_for(1), KEY, now=15.0) is UpdateResult.OLD
-    assert state.apply(3, partial_for(3), KEY, now=25.0) is UpdateResult.APPLIED
-    assert old == bytearray(32)  # SK_{t-1} was overwritten with zeros
-    assert state.period == 3
+    two = state.open_key()
+    assert bytes(two) == sk(2)
+    assert state.apply(2, partial_for(2), KEY, now=15.0)[0] is UpdateResult.OLD
+    assert state.apply(1, partial_for(1), KEY, now=15.0)[0] is UpdateResult.OLD
+    # SK_3 early (within the allowance before period 3): SK_2 stays, for the overlap.
+    assert state.apply(3, partial_for(3), KEY, now=19.0) == (UpdateResult.APPLIED, [])
+    assert state.period == 3 and state.open_key(2) is two and bytes(two) == sk(2)
+    # SK_5 (periods skipped): every key older than 4 goes, SK_3 and SK_2 zeroed.
+    three = state.open_key(3)
+    result, erased = state.apply(5, partial_for(5), KEY, now=41.0)
+    assert (result, sorted(erased)) == (UpdateResult.APPLIED, [2, 3])
+    assert two == bytearray(32) and three == bytearray(32)
+    assert state.get(3) is None and state.get(2) is None and state.older is None
 
 
-def test_period_key_early_and_stale_updates_are_not_applied() -> None:
-    state = PeriodKey("tvd", "a", "b", S)
+def test_pair_keys_early_and_stale_updates_are_not_applied() -> None:
+    state = PairKeys("tvd", "a", "b", S)
     partial = partial_for(5)
-    assert state.apply(5, partial, KEY, now=37.9) is UpdateResult.EARLY  # starts at 40 > 37.9 + 2
+    assert state.apply(5, partial, KEY, now=37.9)[0] is UpdateResult.EARLY  # 40 > 37.9 + 2
     assert partial == bytearray(32)
-    assert state.apply(5, partial_for(5), KEY, now=38.0) is UpdateResult.APPLIED  # within allowance
-    assert state.apply(6, partial_for(6), KEY, now=62.0) is UpdateResult.STALE  # ended at 60 + 2
+    assert state.apply(5, partial_for(5), KEY, now=38.0)[0] is UpdateResult.APPLIED
+    assert state.apply(6, partial_for(6), KEY, now=62.0)[0] is UpdateResult.STALE  # 60 + 2
     assert state.period == 5
 
 
-def test_period_key_status_follows_the_spec_rules() -> None:
-    state = PeriodKey("tvd", "a", "b", S)
-    assert state.status(1, 5.0) is KeyStatus.UNKNOWN  # no key at all
+def test_the_older_key_lives_at_most_min_allowance_period_past_its_period() -> None:
+    """SPEC §1, §4: SK_{t-1} is erased at the latest min(allowance, period) after period
+    t-1 ends; the newest at the end of its period plus the allowance."""
+    state = PairKeys("tvd", "a", "b", S, allowance=2.0)
     state.apply(3, partial_for(3), KEY, now=25.0)
-    assert state.status(3, 25.0) is KeyStatus.USABLE
-    assert state.status(2, 25.0) is KeyStatus.EXPIRED  # older than the newest
-    assert state.status(4, 25.0) is KeyStatus.UNKNOWN  # newer than the newest
-    assert state.status(3, 31.9) is KeyStatus.USABLE  # within the allowance after the end
-    assert state.status(3, 32.0) is KeyStatus.EXPIRED  # past end + allowance
-    assert state.seal_key(31.9) is not None
-    assert state.seal_key(32.0) is None
+    state.apply(4, partial_for(4), KEY, now=29.0)
+    older = state.open_key(3)
+    assert state.lifetime(3) == 32.0 and state.lifetime(4) == 42.0
+    assert state.deadline() == 32.0
+    assert state.expire(31.9) == []
+    assert state.expire(32.0) == [3] and older == bytearray(32)
+    assert state.deadline() == 42.0
+    short = PairKeys("tvd", "a", "b", Schedule(0.0, 1.0, 100), allowance=2.0)
+    short.apply(3, bytearray(device_update(KEY, "tvd", "a", "b", 3)), KEY, now=2.5)
+    short.apply(4, bytearray(device_update(KEY, "tvd", "a", "b", 4)), KEY, now=3.1)
+    assert short.lifetime(3) == 4.0  # the period (1 s) bounds the overlap, not the allowance
 
 
-def test_period_key_expires_and_keeps_only_the_number() -> None:
-    state = PeriodKey("tvd", "a", "b", S)
+def test_pair_keys_expire_and_keep_only_the_number() -> None:
+    state = PairKeys("tvd", "a", "b", S)
     state.apply(3, partial_for(3), KEY, now=25.0)
     key = state.open_key()
     assert state.deadline() == 32.0
-    assert not state.expire(31.0)
-    assert state.expire(32.0)
+    assert state.expire(31.0) == []
+    assert state.expire(32.0) == [3]
     assert key == bytearray(32)
-    assert not state.has_key
+    assert not state.has_key and state.deadline() == math.inf
     assert state.period == 3
-    assert state.status(3, 32.5) is KeyStatus.EXPIRED
-    assert state.status(4, 32.5) is KeyStatus.UNKNOWN
-    generation = state.generation
+    with pytest.raises(LookupError):
+        state.open_key()
     state.forget()
-    assert state.period == 0 and state.generation > generation
-    assert state.status(3, 32.5) is KeyStatus.UNKNOWN
+    assert state.period == 0
 
 
-def test_period_key_repr_holds_no_key() -> None:
-    state = PeriodKey("tvd", "a", "b", S)
+def test_erase_older_zeroes_the_previous_key_only() -> None:
+    state = PairKeys("tvd", "a", "b", S)
+    state.apply(3, partial_for(3), KEY, now=25.0)
+    state.apply(4, partial_for(4), KEY, now=30.5)
+    older, newest = state.open_key(3), state.open_key(4)
+    assert state.erase_older() == 3
+    assert older == bytearray(32) and bytes(newest) == sk(4)
+    assert state.erase_older() is None
+
+
+def test_pair_keys_repr_holds_no_key() -> None:
+    state = PairKeys("tvd", "a", "b", S)
     state.apply(3, partial_for(3), KEY, now=25.0)
     assert state.open_key().hex() not in repr(state)
+    assert "[3]" in repr(state)

@@ -91,7 +91,8 @@ def test_nothing_but_acks_before_the_peer_authenticates(tvd: Tvd) -> None:
     link.pump(now)
     data_frames = [f for f in frames_in(link.sent_by_a) if f[0] == frames.DATA]
     first = open_frame_as(b, link.conn_b, data_frames[0])
-    assert first == [[frames.ACK, 0, None]]  # only an ACK before B authenticated
+    # Only ACK and KEY before B authenticated (SPEC §4).
+    assert first == [[frames.ACK, 0, None], [frames.KEY, 1, None]]
     assert received(b) == [("vm-a", 1, "early")]
 
 
@@ -295,9 +296,17 @@ def test_reject_expired_past_the_end_plus_allowance(tvd: Tvd) -> None:
 
 def test_reject_unknown_for_a_newer_period(tvd: Tvd) -> None:
     a, b, link = opened(tvd, t=1)
-    tvd.update("vm-a", 2, mid(2) - 5)  # A moved on, B did not yet
-    link.pump(mid(2) - 5)
-    reply = [f for f in frames_in(link.sent_by_b) if f[0] == frames.REJECT]
+    now = tvd.schedule.start(2) + 0.5
+    tvd.update("vm-a", 2, now)  # A moved on, B did not yet
+    link.pump(now)
+    assert b.stats["rejected_unknown"] == 0  # the open connection rides on SK_1 (SPEC §4)
+    # A new connection starts under the key of the period current by A's clock: B, which
+    # does not hold it, refuses it as unknown and names the newest period it holds.
+    a.connection_lost(link.conn_a, now)
+    b.connection_lost(link.conn_b, now)
+    fresh = Link(a, b, now)
+    fresh.pump(now)
+    reply = [f for f in frames_in(fresh.sent_by_b) if f[0] == frames.REJECT]
     assert reply and reply[-1][3:] == ["unknown", 1]
     assert b.stats["rejected_unknown"] >= 1
 
@@ -598,11 +607,11 @@ def test_a_new_key_drops_traffic_keys_and_zeroes_the_old_period_key(tvd: Tvd) ->
     a.send("vm-b", "x", mid(1))
     link.pump(mid(1))
     conn = connection(a, link.conn_a)
-    assert conn.send_aead is not None and conn.recv_aead is not None
+    assert 1 in conn.send_aead and 1 in conn.recv_aead
     old = a.key_state("vm-b").open_key()
-    tvd.update("vm-a", 2, mid(2))
+    tvd.update("vm-a", 2, mid(2))  # past period 1's overlap: SK_1 goes at once
     assert old == bytearray(32)
-    assert conn.send_aead is None and conn.recv_aead is None
+    assert conn.send_aead == {} and conn.recv_aead == {}
 
 
 def test_keys_end_without_an_update_and_the_node_then_neither_sends_nor_accepts(tvd: Tvd) -> None:

@@ -133,9 +133,9 @@ class Node:
         """The newest period this node holds a usable key for, or None when it holds none."""
         now = self._clock.now()
         held = [
-            key.period
-            for key in (self._session.key_state(p) for p in self._session.peers)
-            if key.seal_key(now) is not None
+            keys.period
+            for keys in (self._session.key_state(p) for p in self._session.peers)
+            if keys.has_key and now < keys.lifetime(keys.period)
         ]
         return max(held, default=None)
 
@@ -402,17 +402,9 @@ class Node:
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         while True:
             stream = await listener.accept()
-            if self._session.unauthenticated_connections() >= self.config.max_unauthenticated:
-                # A flood of HELLOs (or of silent connections) is capped here.
-                self._stats["connections_refused"] += 1
-                self._log.warning(
-                    "conn-cap",
-                    "refused cause=unauthenticated-cap limit=%d",
-                    self.config.max_unauthenticated,
-                )
-                await stream.aclose()
-                continue
-            conn = self._session.accept(self._clock.now())
+            # The session caps connections that have not authenticated and decides who
+            # makes way at the cap (SPEC §4): the busiest source address.
+            conn = self._session.accept(self._clock.now(), _source_of(stream))
             self._start_connection(conn, stream)
 
     async def _dial(self, peer: str) -> None:
@@ -503,6 +495,14 @@ class Node:
                 await wakeup.wait()
 
 
+def _source_of(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
 @contextlib.asynccontextmanager
 async def open_node(
     config: NodeConfig, *, clock: WallClock | None = None, instance: bytes | None = None
@@ -513,7 +513,13 @@ async def open_node(
     hello to the bridge. Leaving the block closes every connection.
     """
     keys, schedule = load_computer_keys(config.key_file)
-    session = Session(keys, schedule, allowance=config.skew_allowance, instance=instance)
+    session = Session(
+        keys,
+        schedule,
+        allowance=config.skew_allowance,
+        instance=instance,
+        max_unauthenticated=config.max_unauthenticated,
+    )
     agent = KeyAgent(session, schedule)
     node = Node(config, session, agent, clock or WallClock())
     async with trio.open_nursery() as nursery:

@@ -34,6 +34,10 @@ DIAL_BACKOFF_INITIAL: Final = 0.5
 DIAL_BACKOFF_MAX: Final = 30.0
 SEND_WINDOW_MESSAGES: Final = 4096  # unacknowledged messages per peer
 SEND_WINDOW_BYTES: Final = 8 << 20  # unacknowledged packed bytes per peer
+# SPEC §4: accepted connections not yet authenticated, before the oldest of the busiest
+# source address makes way for a new one.
+MAX_UNAUTHENTICATED: Final = 64
+KEPT_INSTANCES: Final = 8  # SPEC §4: numberings kept of peer instances no longer current
 
 CHANNEL_LIMIT: Final = 1 << 20  # key-channel message size limit (policy, like FRAME_LIMIT)
 CHANNEL_HELLO_RETRY: Final = 1.0  # SPEC §5: the node re-sends hello every 1 s

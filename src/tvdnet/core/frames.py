@@ -24,8 +24,10 @@ DATA: Final = 1
 REJECT: Final = 2
 CLOSE: Final = 3
 
+# Inner messages [kind, seq, body] (SPEC §4); a receiver ignores a kind it does not know.
 MSG: Final = 0
 ACK: Final = 1
+KEY: Final = 2  # [2, t, nil]: "I hold period t's key for our pair"
 FIRST_EXTENSION_KIND: Final = 16
 
 # CLOSE reasons (SPEC §4).
@@ -202,6 +204,13 @@ def _parse_hello(obj: list[object]) -> Hello:
     if type(instance) is not bytes or len(instance) != INSTANCE_LEN:
         raise FrameError(BAD_HELLO, f"HELLO instance must be {INSTANCE_LEN} bytes of bin")
     return Hello(tvd, sender, receiver, nonce, instance)
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """How a string that arrived unauthenticated may be logged (SPEC §4): control
+    characters escaped, at most `limit` characters, so that it cannot forge a log line."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
 
 
 def new_reader() -> MsgpackReader:

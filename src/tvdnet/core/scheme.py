@@ -6,7 +6,7 @@ The paper's algorithms map to this module as follows:
 - U* (device key-update):     `evolve_device_key` (dev_t -> dev_{t+1}) and `device_update`
                               (dev_t -> partial key); `DeviceKeys` applies both for a bridge
 - U  (computer key-update):   `computer_update` (partial + computer master key -> SK_t);
-                              `PeriodKey` applies it at a node and erases what it replaces
+                              `PairKeys` applies it at a node: at most two keys per pair
 
 E and D (encryption under SK_t) are the DATA frames of the peer protocol (SPEC §4).
 
@@ -34,8 +34,8 @@ from .ids import check_id, pair_context, sorted_pair, u64
 __all__ = [
     "ComputerKeys",
     "DeviceKeys",
-    "KeyStatus",
     "Pair",
+    "PairKeys",
     "PeriodKey",
     "Provisioning",
     "Schedule",
@@ -407,30 +407,41 @@ class UpdateResult(enum.Enum):
     OLD = "old"  # not newer than the period held: acked and ignored
 
 
-class KeyStatus(enum.Enum):
-    """Whether a DATA frame of period t may be decrypted (SPEC §4 period rules)."""
-
-    USABLE = "usable"
-    EXPIRED = "expired"
-    UNKNOWN = "unknown"
-
-
 class PeriodKey:
-    """A node's key state for one pair: at most one period key SK_t (SPEC §4, Erasure).
+    """One period key SK_t a node holds for a pair, kept in a bytearray until erased."""
 
-    `period` is the newest period ever applied and survives the key's erasure, so that
-    the period rules keep refusing older frames after the key is gone. `generation`
-    changes whenever the key does, so that holders of derived traffic keys notice.
+    __slots__ = ("key", "period")
+
+    def __init__(self, period: int, key: bytearray) -> None:
+        self.period = period
+        self.key: bytearray | None = key
+
+    def __repr__(self) -> str:
+        return f"<PeriodKey period={self.period} {'held' if self.key is not None else 'erased'}>"
+
+    @property
+    def held(self) -> bool:
+        return self.key is not None
+
+    def erase(self) -> None:
+        if self.key is not None:
+            _zero(self.key)
+            self.key = None
+
+
+class PairKeys:
+    """A node's key state for one pair: at most two period keys (SPEC §4 Key changes).
+
+    `newest` is SK_P for P = `period`, the newest period ever derived (the number
+    survives the key's erasure, so that the period rules go on refusing older frames);
+    `older` is SK_{P-1} while the overlap lasts. Deriving SK_t erases every key older
+    than t-1. The erasure deadlines are here (`deadline`, `expire`): SK_P at the end of
+    period P plus the allowance, SK_{P-1} at the end of period P-1 plus min(allowance,
+    period length). Whether a key is usable on a given connection, and erasing SK_{P-1}
+    earlier once no connection accepts it, is the Session's business.
     """
 
-    __slots__ = (
-        "_allowance",
-        "_context_ids",
-        "_key",
-        "_schedule",
-        "generation",
-        "period",
-    )
+    __slots__ = ("_allowance", "_context_ids", "_overlap", "_schedule", "newest", "older", "period")
 
     def __init__(
         self,
@@ -444,17 +455,41 @@ class PeriodKey:
         self._context_ids = (tvd, me, peer)
         self._schedule = schedule
         self._allowance = allowance
-        self._key: bytearray | None = None
+        self._overlap = min(allowance, schedule.period_s)
+        self.newest: PeriodKey | None = None
+        self.older: PeriodKey | None = None
         self.period = 0
-        self.generation = 0
 
     def __repr__(self) -> str:
-        state = "key" if self._key is not None else "no key"
-        return f"<PeriodKey peer={self._context_ids[2]!r} period={self.period} {state}>"
+        held = [k.period for k in (self.older, self.newest) if k is not None and k.held]
+        return f"<PairKeys peer={self._context_ids[2]!r} period={self.period} held={held}>"
 
     @property
     def has_key(self) -> bool:
-        return self._key is not None
+        """Whether SK_P, the newest key, is held."""
+        return self.newest is not None and self.newest.held
+
+    def get(self, t: int) -> PeriodKey | None:
+        """The held key of period t, if any."""
+        for key in (self.newest, self.older):
+            if key is not None and key.period == t and key.held:
+                return key
+        return None
+
+    def open_key(self, t: int | None = None) -> bytearray:
+        """SK_t (SK_P by default); LookupError when it is not held."""
+        key = self.get(self.period if t is None else t)
+        if key is None or key.key is None:
+            raise LookupError(
+                f"no period key held for period {t if t is not None else self.period}"
+            )
+        return key.key
+
+    def lifetime(self, t: int) -> float:
+        """When SK_t must be erased at the latest (SPEC §4 Erasure)."""
+        if t == self.period:
+            return self._schedule.end(t) + self._allowance
+        return self._schedule.end(t) + self._overlap
 
     def classify(self, t: int, now: float) -> UpdateResult | None:
         """What `apply` would do with a partial of period t now; None means apply it."""
@@ -466,67 +501,72 @@ class PeriodKey:
             return UpdateResult.STALE
         return None
 
-    def apply(self, t: int, partial: bytearray, comp_key: KeyBytes, now: float) -> UpdateResult:
-        """U: derive SK_t from the partial, replace and zero SK_{t-1}; the partial is zeroed."""
+    def apply(
+        self, t: int, partial: bytearray, comp_key: KeyBytes, now: float
+    ) -> tuple[UpdateResult, list[int]]:
+        """U: derive SK_t from the partial; erase every key older than t-1 (SPEC §4).
+
+        Returns what was done and the periods whose keys were erased; the partial is
+        zeroed whatever happens.
+        """
         try:
             self._schedule.check(t)
             verdict = self.classify(t, now)
             if verdict is not None:
-                return verdict
+                return verdict, []
             tvd, me, peer = self._context_ids
             period_key = bytearray(computer_update(partial, comp_key, tvd, me, peer, t))
-            self.erase()
-            self._key = period_key
+            erased = []
+            keep = self.newest if self.newest is not None and self.newest.period == t - 1 else None
+            for key in (self.older, self.newest):
+                if key is not None and key is not keep and key.held:
+                    key.erase()
+                    erased.append(key.period)
+            self.older = keep if keep is not None and keep.held else None
+            self.newest = PeriodKey(t, period_key)
             self.period = t
-            return UpdateResult.APPLIED
+            return UpdateResult.APPLIED, erased + self.expire(now)
         finally:
             _zero(partial)
 
-    def status(self, t: int, now: float) -> KeyStatus:
-        """SPEC §4 period rules for a received DATA frame of period t."""
-        if self.period == 0 or t > self.period:
-            return KeyStatus.UNKNOWN
-        if t < self.period or self._key is None:
-            return KeyStatus.EXPIRED
-        if now >= self._schedule.end(t) + self._allowance:
-            return KeyStatus.EXPIRED
-        return KeyStatus.USABLE
+    def deadline(self) -> float:
+        """When `expire` has something to erase next (inf: nothing held)."""
+        return min(
+            (
+                self.lifetime(k.period)
+                for k in (self.newest, self.older)
+                if k is not None and k.held
+            ),
+            default=math.inf,
+        )
 
-    def seal_key(self, now: float) -> bytearray | None:
-        """SK of `self.period` if a node may still seal under it now, else None."""
-        if self._key is None or now >= self._schedule.end(self.period) + self._allowance:
-            return None
-        return self._key
+    def expire(self, now: float) -> list[int]:
+        """Erase the keys whose lifetime has ended; returns their periods."""
+        erased = []
+        for key in (self.older, self.newest):
+            if key is not None and key.held and now >= self.lifetime(key.period):
+                key.erase()
+                erased.append(key.period)
+        return erased
 
-    def open_key(self) -> bytearray:
-        """SK of `self.period`, after `status` said USABLE."""
-        if self._key is None:
-            raise LookupError("no period key held")
-        return self._key
-
-    def deadline(self) -> float | None:
-        """When the held key must be erased if no update replaces it."""
-        if self._key is None:
-            return None
-        return self._schedule.end(self.period) + self._allowance
-
-    def expire(self, now: float) -> bool:
-        """Erase the key if its period plus the allowance has ended; True if it did."""
-        deadline = self.deadline()
-        if deadline is None or now < deadline:
-            return False
-        self.erase()
-        return True
+    def erase_older(self) -> int | None:
+        """Erase SK_{P-1} now (no connection accepts it any more); returns its period."""
+        older = self.older
+        self.older = None
+        if older is not None and older.held:
+            older.erase()
+            return older.period
+        return None
 
     def erase(self) -> None:
-        """Zero and drop the key, keeping the period number (SPEC §4 Erasure)."""
-        if self._key is not None:
-            _zero(self._key)
-            self._key = None
-            self.generation += 1
+        """Zero and drop both keys, keeping the period number (SPEC §4 Erasure)."""
+        for key in (self.newest, self.older):
+            if key is not None:
+                key.erase()
+        self.older = None
 
     def forget(self) -> None:
-        """Erase the key and the period number: a removed peer starts afresh (SPEC §5)."""
+        """Erase the keys and the period number: a removed peer starts afresh (SPEC §5)."""
         self.erase()
+        self.newest = None
         self.period = 0
-        self.generation += 1

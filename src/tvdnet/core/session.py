@@ -1,22 +1,28 @@
-"""The sans-I/O peer protocol of one node (SPEC §4): bytes and `now` in, events and bytes out.
+"""The sans-I/O peer protocol of one node (SPEC §4, revision 2): bytes and `now` in,
+events and bytes out.
 
-`Session` holds everything a node knows about its TVD peers: their period keys, the
-per-pair delivery state (message numbers, the keep-until-acked queue, de-duplication)
-and the state of every connection. It never touches a socket or a clock; whoever drives
-it passes the time into every call and moves bytes between it and the network:
+`Session` holds everything a node knows about its TVD peers: their period keys (at most
+two per pair, `scheme.PairKeys`), the delivery state (`delivery.PeerDelivery`: the
+keep-until-acked messages and one numbering per peer instance) and the state of every
+connection. It never touches a socket or a clock; whoever drives it passes the time into
+every call and moves bytes between it and the network:
 
-    conn = session.connect("vm-b", now)          # or session.accept(now) for an inbound one
+    conn = session.connect("vm-b", now)          # or session.accept(now, source)
     stream.send_all(session.data_to_send(conn, now))
     session.receive_data(conn, data, now)        # b"" at EOF
     while (event := session.next_event()) is not None: ...
     session.handle_timeout(now)                  # at session.next_deadline()
 
 Where the rules live:
-- HELLO checks, the frame counter and the period rules: `_on_hello`, `_on_data`.
-- What is sealed, and when: `data_to_send`, `_seal_pending`.
-- Re-sending, back-off, dialing, keepalive and idle timeouts: `handle_timeout` and `_on_*_timer`.
-- What happens when a period key is replaced or ends: `_key_changed`.
-- Peer restarts and the one-connection-per-pair rule: `_on_authenticated`.
+- HELLO checks, the counter, the period rules: `_on_hello`, `_on_data`, `_usable`.
+- Which key seals what, KEY and ACK: `data_to_send`, `_seal_period`, `_seal_pending`.
+- What happens at a period change (two keys, the overlap, erasure): `_key_changed`,
+  `_usable`, `_retire_older`, `_on_key_timer`.
+- Acknowledgement as a set, numbering per instance, restarts and forgeries:
+  `_on_ack`, `_on_authenticated` (with `delivery.py`).
+- One connection per pair and the tie-breaks: `_on_authenticated`, `_tie_break`.
+- Strangers: `accept` (the cap and who is displaced), `_maybe_dial` (whom they never stop).
+- Re-sending, back-off, dialing, keepalive and timeouts: `handle_timeout` and `_on_*_timer`.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import math
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from itertools import islice
 from typing import Any, Final, cast
 
 import msgpack
@@ -42,6 +47,8 @@ from .constants import (
     IDLE_TIMEOUT,
     INSTANCE_LEN,
     KEEPALIVE_INTERVAL,
+    KEPT_INSTANCES,
+    MAX_UNAUTHENTICATED,
     MESSAGE_LIMIT,
     NONCE_LEN,
     PLAINTEXT_LIMIT,
@@ -51,6 +58,7 @@ from .constants import (
     SEND_WINDOW_MESSAGES,
     SKEW_ALLOWANCE,
 )
+from .delivery import Numbering, OutMessage, PeerDelivery
 from .errors import FrameError, MessageTooLarge, UnknownPeer, UnserializableBody, WindowFull
 from .events import (
     ConnectionAuthenticated,
@@ -65,13 +73,15 @@ from .events import (
 )
 from .ids import id_order_key
 from .reader import UNPACK_ERRORS, StreamDecodeError
-from .scheme import ComputerKeys, KeyStatus, PeriodKey, Schedule, UpdateResult
+from .scheme import ComputerKeys, PairKeys, Schedule, UpdateResult
 from .timers import Timers
 
 __all__ = ["ConnectionState", "Session"]
 
 _AUTH_FAILURE: Final = "auth-failure"
 _MSG_HEADER: Final = msgpack.packb([frames.MSG, 0, None])[:2]  # fixarray(3), kind 0
+_EXPIRED: Final = "expired"
+_UNKNOWN: Final = "unknown"
 
 
 class ConnectionState(enum.Enum):
@@ -82,22 +92,16 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
-class _OutMessage:
-    __slots__ = ("body", "handle", "packed", "seq")
-
-    def __init__(self, handle: int, seq: int, body: bytes, packed: bytes) -> None:
-        self.handle = handle
-        self.seq = seq
-        self.body = body  # the packed body
-        self.packed = packed  # the packed inner message [0, seq, body]
-
-
 class _Connection:
     __slots__ = (
         "ack_wanted",
-        "authenticated",
+        "authenticated_at",
+        "first_backoff",
+        "frame_max",
         "id",
         "initiator",
+        "key_seen",
+        "key_wanted",
         "last_auth_recv",
         "last_send",
         "local_nonce",
@@ -112,65 +116,74 @@ class _Connection:
         "send_aead",
         "send_n",
         "sent_upto",
+        "source",
         "state",
     )
 
-    def __init__(self, conn_id: int, initiator: bool, peer: str | None, now: float) -> None:
+    def __init__(
+        self, conn_id: int, initiator: bool, peer: str | None, now: float, source: str | None
+    ) -> None:
         self.id = conn_id
         self.initiator = initiator
         self.peer = peer
+        self.source = source  # the address an accepted connection came from
         self.state = ConnectionState.HELLO_SENT if initiator else ConnectionState.AWAIT_HELLO
         self.local_nonce = b""
         self.peer_nonce = b""
         self.peer_instance = b""
         self.send_n = 0  # SPEC §4: counts DATA frames per direction, across periods
         self.recv_n = 0
-        self.authenticated = False  # the peer's first DATA frame here has authenticated
+        self.authenticated_at: float | None = None  # the peer's first DATA frame here
+        self.frame_max = 0  # the newest period of an authenticated frame from the peer here
+        self.key_seen = 0  # the newest KEY the peer sent here
         self.reader = frames.new_reader()
         self.out = bytearray()
-        # Cached (key generation, AESGCM) per direction; dropped when the period key changes.
-        self.send_aead: tuple[int, AESGCM] | None = None
-        self.recv_aead: tuple[int, AESGCM] | None = None
-        self.sent_upto = 0  # highest message number sealed on this connection
+        # Traffic keys as AEAD objects, by period, per direction (SPEC §4: dropped with
+        # the period key they come from).
+        self.send_aead: dict[int, AESGCM] = {}
+        self.recv_aead: dict[int, AESGCM] = {}
+        self.sent_upto = 0  # the highest message number sealed here, in its numbering
         self.ack_wanted = False
+        self.key_wanted = False
+        self.first_backoff = RESEND_INITIAL  # KEY+ACK again until the peer authenticates
         self.opened_at = now
         self.last_send = now
         self.last_auth_recv = now
 
-    def drop_traffic_keys(self) -> None:
-        self.send_aead = None
-        self.recv_aead = None
+    @property
+    def authenticated(self) -> bool:
+        return self.authenticated_at is not None
+
+    def peer_holds(self, t: int) -> bool:
+        """SPEC §4: the peer is known to hold period t's key (on this connection)."""
+        return t in (self.key_seen, self.key_seen - 1) or t == self.frame_max
+
+    def drop_traffic_keys(self, period: int | None = None) -> None:
+        if period is None:
+            self.send_aead.clear()
+            self.recv_aead.clear()
+        else:
+            self.send_aead.pop(period, None)
+            self.recv_aead.pop(period, None)
 
 
 class _Peer:
     __slots__ = (
-        "acked",
         "active",
         "conns",
-        "delivered",
+        "delivery",
         "dial_backoff",
         "dialing",
-        "highest_sent",
         "id",
-        "instance",
-        "key",
-        "next_seq",
-        "queue",
-        "queued_bytes",
+        "keys",
         "rejected",
         "resend_backoff",
     )
 
-    def __init__(self, peer: str, key: PeriodKey) -> None:
+    def __init__(self, peer: str, keys: PairKeys) -> None:
         self.id = peer
-        self.key = key
-        self.instance: bytes | None = None  # the peer instance our numbering is bound to
-        self.queue: deque[_OutMessage] = deque()  # unacknowledged, in message-number order
-        self.queued_bytes = 0
-        self.next_seq = 1
-        self.acked = 0
-        self.highest_sent = 0  # highest message number ever sealed, on any connection
-        self.delivered = 0  # highest contiguous message number delivered from the peer
+        self.keys = keys
+        self.delivery = PeerDelivery()
         self.conns: set[_Connection] = set()
         self.active: _Connection | None = None  # the authenticated connection we keep
         self.rejected = False  # a REJECT came since the last re-send
@@ -187,7 +200,8 @@ class Session:
     """The peer protocol state of one node toward every member of its TVD (SPEC §4).
 
     `keys` are the node's computer master keys; `members` the current TVD members (by
-    default the peers `keys` names, plus the node itself). `instance` and `randbytes`
+    default the peers `keys` names, plus the node itself). `max_unauthenticated` caps
+    the accepted connections that have not authenticated yet. `instance` and `randbytes`
     exist for test vectors; leave them alone otherwise.
     """
 
@@ -202,6 +216,7 @@ class Session:
         allowance: float = SKEW_ALLOWANCE,
         window_messages: int = SEND_WINDOW_MESSAGES,
         window_bytes: int = SEND_WINDOW_BYTES,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
         self.tvd = keys.tvd
         self.me = keys.vm
@@ -214,10 +229,12 @@ class Session:
             raise ValueError(f"an instance is {INSTANCE_LEN} bytes")
         self._window_messages = window_messages
         self._window_bytes = window_bytes
+        self._max_unauthenticated = max_unauthenticated
         self._packer = msgpack.Packer()
         self._peers: dict[str, _Peer] = {}
         self._members: set[str] = set()
         self._conns: dict[int, _Connection] = {}
+        self._strangers: dict[int, _Connection] = {}  # accepted, not yet authenticated
         self._conn_ids = itertools.count(1)
         self._handles = itertools.count(1)
         self._events: deque[Event] = deque()
@@ -243,13 +260,13 @@ class Session:
     def members(self) -> frozenset[str]:
         return frozenset(self._members)
 
-    def key_state(self, peer: str) -> PeriodKey:
-        return self._peer(peer).key
+    def key_state(self, peer: str) -> PairKeys:
+        return self._peer(peer).keys
 
     def set_members(self, members: Iterable[str], now: float) -> list[str]:
         """Replace the member list (SPEC §5 `members`); returns the members without a key.
 
-        Removed peers lose their period key and its number, their connections and their
+        Removed peers lose their period keys and the number, their connections and their
         queued messages (each reported as SendFailed); the key file is never touched.
         """
         new = set(members)
@@ -263,18 +280,17 @@ class Session:
             if member not in self._computer_keys:
                 missing.append(member)
                 continue
-            key = PeriodKey(self.tvd, self.me, member, self.schedule, self.allowance)
-            self._peers[member] = _Peer(member, key)
+            keys = PairKeys(self.tvd, self.me, member, self.schedule, self.allowance)
+            self._peers[member] = _Peer(member, keys)
         self._members = new
         return missing
 
     def _remove_peer(self, peer: _Peer, now: float) -> None:
-        peer.key.forget()
+        peer.keys.forget()
         for conn in list(peer.conns):
             self._close(conn, frames.NOT_A_MEMBER, "the peer left the TVD", now)
-        for message in peer.queue:
+        for message in peer.delivery.forget():
             self._events.append(SendFailed(peer.id, message.handle, "the peer left the TVD"))
-        peer.queue.clear()
         for kind in ("resend", "dial", "key"):
             self._timers.cancel(_timer(kind, peer.id))
 
@@ -300,36 +316,130 @@ class Session:
                 continue
             comp_key = self._computer_keys.get(peer_id)
             assert comp_key is not None  # a _Peer exists only with a computer key
-            result = peer.key.apply(t, partial, comp_key, now)
+            result, erased = peer.keys.apply(t, partial, comp_key, now)
+            self._erased(peer, erased)
             if result is UpdateResult.APPLIED:
                 self._key_changed(peer, now)
-            if peer.key.period == t and peer.key.has_key:
+            if peer.keys.period == t and peer.keys.has_key:
                 applied += 1
         return applied, missing
 
     def erase_all_keys(self) -> None:
         """Forget every period key and its number (a welcome with another schedule, SPEC §5)."""
         for peer in self._peers.values():
-            peer.key.forget()
+            peer.keys.forget()
             self._timers.cancel(_timer("key", peer.id))
             for conn in peer.conns:
                 conn.drop_traffic_keys()
 
     def _key_changed(self, peer: _Peer, now: float) -> None:
-        """A new period key for `peer`: drop what the old one gave, and use the new one at once."""
+        """A new period key for `peer` (SPEC §4 Key changes): KEY+ACK on every open
+        connection within 100 ms, a re-send at once, and the older key retired when no
+        connection accepts it any more."""
         for conn in peer.conns:
-            conn.drop_traffic_keys()
             if conn.state is ConnectionState.OPEN:
-                conn.ack_wanted = True  # SPEC §4: an ACK-only frame again on each new key
+                conn.key_wanted = conn.ack_wanted = True
                 self._ready.add(conn.id)
-        deadline = peer.key.deadline()
-        if deadline is not None:
-            self._timers.set(_timer("key", peer.id), deadline)
         peer.rejected = False
         peer.resend_backoff = RESEND_INITIAL
-        if peer.active is not None and peer.queue:
+        if peer.active is not None and peer.delivery.unacknowledged():
             self._resend_all(peer, peer.active, now)
+        self._retire_older(peer, now)
+        self._schedule_key_timer(peer, now)
         self._maybe_dial(peer, now)
+
+    def _schedule_key_timer(self, peer: _Peer, now: float) -> None:
+        """Wake at the next erasure deadline, or at the start of the newest key's period
+        while the older key is still held (from then on fewer connections accept it)."""
+        keys = peer.keys
+        when = keys.deadline()
+        if keys.older is not None and keys.older.held:
+            start = self.schedule.start(keys.period)
+            if start > now:
+                when = min(when, start)
+        key = _timer("key", peer.id)
+        if when == math.inf:
+            self._timers.cancel(key)
+        else:
+            self._timers.set(key, when)
+
+    def _erased(self, peer: _Peer, periods: Iterable[int]) -> None:
+        """SPEC §4 Erasure: every traffic key and AEAD object from these keys is dropped."""
+        for period in periods:
+            for conn in peer.conns:
+                conn.drop_traffic_keys(period)
+            self.stats["keys_erased"] += 1
+            self._events.append(KeyErased(peer.id, period))
+
+    def _retire_older(self, peer: _Peer, now: float) -> None:
+        """Erase SK_{P-1} once this node holds SK_P, its clock is in period P, and no open
+        connection of the pair still accepts SK_{P-1} (SPEC §4 Key changes)."""
+        keys = peer.keys
+        older = keys.older
+        if older is None or not older.held or not keys.has_key:
+            return
+        if now < self.schedule.start(keys.period):
+            return
+        if any(self._usable(conn, older.period, now) for conn in peer.conns):
+            return
+        erased = keys.erase_older()
+        if erased is not None:
+            self._erased(peer, [erased])
+
+    # ------------------------------------------------------------------ the period rules
+
+    def _ended(self, t: int, now: float) -> float | None:
+        """When period t ended by this node's clock (the start of t+1), or None if not yet."""
+        end = self.schedule.end(t)
+        return end if now >= end else None
+
+    def _usable(self, conn: _Connection, t: int, now: float) -> bool:
+        """Whether period t's key may seal or open frames on `conn` now (SPEC §4).
+
+        It must be held and not past its lifetime; a connection stops accepting a period
+        at its first authenticated frame under a newer one; and once period t has ended
+        by this node's clock, only connections authenticated before then may use it.
+        """
+        keys = self._peers[cast(str, conn.peer)].keys
+        if keys.get(t) is None or now >= keys.lifetime(t) or t < conn.frame_max:
+            return False
+        ended = self._ended(t, now)
+        if ended is None:
+            return True
+        return conn.authenticated_at is not None and conn.authenticated_at < ended
+
+    def _status(self, conn: _Connection, peer: _Peer, t: int, now: float) -> str | None:
+        """SPEC §4 period rules for a DATA frame of period t: None (decrypt it), or the
+        REJECT reason."""
+        newest = peer.keys.period
+        if newest == 0 or t > newest:
+            return _UNKNOWN
+        if t < newest - 1 or not self._usable(conn, t, now):
+            return _EXPIRED
+        return None
+
+    def _seal_period(self, conn: _Connection, peer: _Peer, now: float) -> int | None:
+        """The period whose key seals on `conn` now, or None (send nothing yet).
+
+        Before the peer authenticates here: only the key of the period current by this
+        node's clock. After: the newest key the peer is known to hold; without that
+        knowledge the older key while it is usable here, then the newest (SPEC §4).
+        """
+        keys = peer.keys
+        if not conn.authenticated:
+            try:
+                current = self.schedule.period_at(now)
+            except Exception:  # before the epoch or after the last period
+                return None
+            return current if self._usable(conn, current, now) else None
+        newest = keys.period
+        if self._usable(conn, newest, now) and conn.peer_holds(newest):
+            return newest
+        if newest > 1 and self._usable(conn, newest - 1, now):
+            return newest - 1
+        if self._usable(conn, newest, now):
+            return newest
+        return None
 
     # ------------------------------------------------------------------ application side
 
@@ -343,20 +453,27 @@ class Session:
                 else "no computer key for this peer"
             )
             raise UnknownPeer(peer_id, why)
-        if len(peer.queue) >= self._window_messages or peer.queued_bytes >= self._window_bytes:
-            raise WindowFull(f"{len(peer.queue)} messages to {peer_id!r} await acknowledgement")
+        delivery = peer.delivery
+        if (
+            delivery.unacknowledged() >= self._window_messages
+            or delivery.pending_bytes >= self._window_bytes
+        ):
+            raise WindowFull(
+                f"{delivery.unacknowledged()} messages to {peer_id!r} await acknowledgement"
+            )
         try:
             body_packed = self._packer.pack(body)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializableBody(f"msgpack cannot encode the body: {exc}") from None
-        message = self._message(next(self._handles), peer.next_seq, body_packed)
-        if len(message.packed) > MESSAGE_LIMIT:
+        size = len(body_packed) + 11  # as packed with the largest [0, seq, ...] header
+        if size > MESSAGE_LIMIT:
             raise MessageTooLarge(
-                f"the packed message is {len(message.packed)} bytes; the limit is {MESSAGE_LIMIT}"
+                f"the packed message is about {size} bytes; the limit is {MESSAGE_LIMIT}"
             )
-        peer.next_seq += 1
-        peer.queue.append(message)
-        peer.queued_bytes += len(message.packed)
+        message = OutMessage(next(self._handles), body_packed, size)
+        delivery.add(message)
+        for numbering in delivery.numberings.values():
+            self._number(numbering, message)
         self.stats["sent"] += 1
         if peer.active is not None:
             self._ready.add(peer.active.id)
@@ -364,16 +481,22 @@ class Session:
             self._maybe_dial(peer, now)
         return message.handle
 
-    def _message(self, handle: int, seq: int, body: bytes) -> _OutMessage:
-        return _OutMessage(handle, seq, body, _MSG_HEADER + self._packer.pack(seq) + body)
+    def _number(self, numbering: Numbering, message: OutMessage) -> None:
+        """A copy of `message` in `numbering`, under its next number."""
+        seq = numbering.next_seq
+        numbering.add(message, _MSG_HEADER + self._packer.pack(seq) + message.body)
 
     def window_open(self, peer_id: str) -> bool:
         """Whether `send` to this peer would be accepted now (the send window has room)."""
-        peer = self._peer(peer_id)
-        return len(peer.queue) < self._window_messages and peer.queued_bytes < self._window_bytes
+        delivery = self._peer(peer_id).delivery
+        return (
+            delivery.unacknowledged() < self._window_messages
+            and delivery.pending_bytes < self._window_bytes
+        )
 
     def unacknowledged(self, peer_id: str) -> int:
-        return len(self._peer(peer_id).queue)
+        """Messages sent to `peer_id` that no instance of it has acknowledged."""
+        return self._peer(peer_id).delivery.unacknowledged()
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -389,7 +512,7 @@ class Session:
     def connect(self, peer_id: str, now: float) -> int:
         """A new outgoing connection to `peer_id`; its HELLO is ready to send."""
         peer = self._peer(peer_id)
-        conn = self._new_connection(True, peer_id, now)
+        conn = self._new_connection(True, peer_id, now, None)
         peer.conns.add(conn)
         peer.dialing = False
         conn.local_nonce = self._randbytes(NONCE_LEN)
@@ -397,9 +520,29 @@ class Session:
         self._ready.add(conn.id)
         return conn.id
 
-    def accept(self, now: float) -> int:
-        """A new incoming connection; it waits for the initiator's HELLO."""
-        return self._new_connection(False, None, now).id
+    def accept(self, now: float, source: str | None = None) -> int:
+        """A new incoming connection from `source` (its address); it waits for the
+        initiator's HELLO.
+
+        SPEC §4: at the cap of accepted connections that have not authenticated, the
+        oldest one of the source address that holds the most of them makes way, so that
+        a flood from some addresses cannot keep a member at another one out.
+        """
+        if len(self._strangers) >= self._max_unauthenticated:
+            by_source = Counter(c.source for c in self._strangers.values())
+            crowded = max(by_source, key=lambda s: by_source[s])
+            oldest = min(
+                (c for c in self._strangers.values() if c.source == crowded),
+                key=lambda c: c.opened_at,
+            )
+            self.stats["connections_displaced"] += 1
+            self._events.append(
+                Refused(oldest.id, oldest.peer, "displaced", "not authenticated; at the cap")
+            )
+            self._abort(oldest)
+        conn = self._new_connection(False, None, now, source)
+        self._strangers[conn.id] = conn
+        return conn.id
 
     def dial_failed(self, peer_id: str, now: float) -> None:
         peer = self._peers.get(peer_id)
@@ -409,8 +552,10 @@ class Session:
         self._timers.set(_timer("dial", peer_id), now + peer.dial_backoff)
         peer.dial_backoff = min(peer.dial_backoff * 2, DIAL_BACKOFF_MAX)
 
-    def _new_connection(self, initiator: bool, peer: str | None, now: float) -> _Connection:
-        conn = _Connection(next(self._conn_ids), initiator, peer, now)
+    def _new_connection(
+        self, initiator: bool, peer: str | None, now: float, source: str | None
+    ) -> _Connection:
+        conn = _Connection(next(self._conn_ids), initiator, peer, now, source)
         self._conns[conn.id] = conn
         self._timers.set(_timer("conn", conn.id), now + HANDSHAKE_TIMEOUT)
         self.stats["connections"] += 1
@@ -443,12 +588,8 @@ class Session:
             self._forget_connection(conn)
 
     def unauthenticated_connections(self) -> int:
-        """Open connections whose peer has not yet authenticated (a node caps these)."""
-        return sum(
-            1
-            for conn in self._conns.values()
-            if not conn.authenticated and conn.state is not ConnectionState.CLOSED
-        )
+        """Accepted connections whose peer has not authenticated yet (capped, SPEC §4)."""
+        return len(self._strangers)
 
     def ready_connections(self) -> set[int]:
         """Connections that have bytes to send since the last call (and forget them)."""
@@ -514,9 +655,12 @@ class Session:
         conn.peer_instance = hello.instance
         conn.state = ConnectionState.OPEN
         conn.last_auth_recv = now
-        conn.ack_wanted = True  # SPEC §4: a DATA frame as soon as both HELLOs are exchanged
+        # SPEC §4: a DATA frame (ACK and KEY) as soon as both HELLOs are exchanged, and
+        # again on the re-send timer until the peer's first frame authenticates.
+        conn.ack_wanted = conn.key_wanted = True
         self._ready.add(conn.id)
         self._timers.set(_timer("conn", conn.id), now + KEEPALIVE_INTERVAL)
+        self._timers.set(_timer("first", conn.id), now + conn.first_backoff)
 
     def _on_data(self, conn: _Connection, data: frames.Data, now: float) -> None:
         if conn.state is not ConnectionState.OPEN:
@@ -527,36 +671,45 @@ class Session:
         if n != conn.recv_n:
             raise FrameError(frames.BAD_FRAME, f"DATA frame {n}, expected {conn.recv_n}")
         conn.recv_n += 1
-        assert conn.peer is not None
-        peer = self._peers[conn.peer]
-        status = peer.key.status(t, now)
-        if status is not KeyStatus.USABLE:
+        peer = self._peers[cast(str, conn.peer)]
+        reason = self._status(conn, peer, t, now)
+        if reason is not None:
             # SPEC §4: refused before any decryption; the REJECT only restarts a timer there.
-            reason = status.value
             self.stats[f"rejected_{reason}"] += 1
-            conn.out += frames.encode_reject(t, n, reason, peer.key.period or None)
+            conn.out += frames.encode_reject(t, n, reason, peer.keys.period or None)
             self._ready.add(conn.id)
             self._events.append(Refused(conn.id, peer.id, reason, f"DATA of period {t}"))
             return
-        aead = self._recv_aead(conn, peer)
         try:
-            plaintext = frames.open_data(aead, t, n, data.ciphertext, self._packer)
+            plaintext = frames.open_data(
+                self._aead(conn, peer, t, sending=False), t, n, data.ciphertext, self._packer
+            )
         except InvalidTag:
             self.stats["auth_failures"] += 1
             self._events.append(Refused(conn.id, peer.id, _AUTH_FAILURE, f"DATA frame {n}"))
             self._abort(conn)
             return
         conn.last_auth_recv = now
+        newer = t > conn.frame_max
+        learned = newer and t > conn.key_seen
+        if newer:
+            conn.frame_max = t  # SPEC §4: older keys stop on this connection here
         if not conn.authenticated:
-            conn.authenticated = True
+            conn.authenticated_at = now
             self._on_authenticated(conn, peer, now)
         elif peer.rejected and conn is peer.active:
             # SPEC §4: an authenticated DATA frame resets the back-off and re-sends at once.
             peer.rejected = False
             peer.resend_backoff = RESEND_INITIAL
-            if peer.queue:
+            if peer.delivery.unacknowledged():
                 self._resend_all(peer, conn, now)
-        self._on_plaintext(conn, peer, t, plaintext, now)
+        if learned:
+            conn.key_wanted = conn.ack_wanted = True
+            self._ready.add(conn.id)
+        if newer:
+            self._retire_older(peer, now)
+        if conn.state is ConnectionState.OPEN:
+            self._on_plaintext(conn, peer, t, plaintext, now)
 
     def _on_plaintext(
         self, conn: _Connection, peer: _Peer, t: int, plaintext: bytes, now: float
@@ -567,8 +720,10 @@ class Session:
             raise FrameError(frames.BAD_FRAME, "undecodable DATA plaintext") from None
         if type(items) is not list or not items:
             raise FrameError(frames.BAD_FRAME, "DATA plaintext must be a non-empty array")
+        numbering = peer.delivery.numberings.get(conn.peer_instance)
+        if numbering is None:  # its instance lost a tie-break and is gone: nothing counts
+            return
         got_message = False
-        bound = conn.peer_instance == peer.instance
         for item in items:
             if type(item) is not list or len(item) != 3:
                 raise FrameError(frames.BAD_FRAME, "an inner message must be [kind, seq, body]")
@@ -579,108 +734,137 @@ class Session:
                 if seq < 1:
                     raise FrameError(frames.BAD_FRAME, "message numbers start at 1")
                 got_message = True
-                if not bound:
-                    continue  # lost a tie-break to a newer instance: never delivered
-                if seq == peer.delivered + 1:
-                    peer.delivered = seq
+                if seq == numbering.delivered + 1:
+                    numbering.delivered = seq
                     self.stats["delivered"] += 1
                     self._events.append(Message(peer.id, t, body))
-                elif seq <= peer.delivered:
+                elif seq <= numbering.delivered:
                     self.stats["duplicates"] += 1
                 # else: a gap (an earlier frame was refused); the sender re-sends in order.
             elif kind == frames.ACK:
                 if seq < 0 or body is not None:
                     raise FrameError(frames.BAD_FRAME, "ACK must be [1, seq >= 0, nil]")
-                if bound:
-                    self._on_ack(peer, seq, now)
-            elif kind < frames.FIRST_EXTENSION_KIND or kind < 0:
-                raise FrameError(frames.BAD_FRAME, f"unknown inner message kind {kind}")
+                self._on_ack(peer, numbering, seq, t, now)
+            elif kind == frames.KEY:
+                if not 1 <= seq <= self.schedule.periods or body is not None:
+                    raise FrameError(frames.BAD_FRAME, "KEY must be [2, t in 1..N, nil]")
+                if seq > conn.key_seen:
+                    if seq > conn.frame_max and seq > conn.key_seen:
+                        # SPEC §4: first learning that the peer holds a newer key: KEY+ACK.
+                        conn.key_wanted = conn.ack_wanted = True
+                        self._ready.add(conn.id)
+                    conn.key_seen = seq
+            # any other kind: an extension this node does not know, ignored (SPEC §4)
         if got_message:
             # SPEC §4: ACK within 100 ms of any MSG, duplicates included; we ACK at once.
-            target = peer.active if peer.active is not None else conn
-            target.ack_wanted = True
-            self._ready.add(target.id)
+            conn.ack_wanted = True
+            self._ready.add(conn.id)
 
-    def _on_ack(self, peer: _Peer, seq: int, now: float) -> None:
-        if seq <= peer.acked:
+    def _on_ack(
+        self, peer: _Peer, numbering: Numbering, upto: int, period: int, now: float
+    ) -> None:
+        """An ACK of `upto` in a frame under `period`, in `numbering` (SPEC §4 Delivery)."""
+        if upto == 0:
             return
-        if seq >= peer.next_seq:
-            self.stats["protocol_errors"] += 1  # ACK of a number never sent: ignore it
+        if upto > numbering.highest_sent:
+            self.stats["protocol_errors"] += 1  # acknowledges nothing
             return
-        queue = peer.queue
-        handles = []
-        while queue and queue[0].seq <= seq:
-            message = queue.popleft()
-            peer.queued_bytes -= len(message.packed)
-            handles.append(message.handle)
+        acked = numbering.acknowledge(upto, period)
+        if not acked:
+            return
+        delivery = peer.delivery
+        handles = [m.handle for m in acked if delivery.done(m)]
+        if not handles:
+            return
         self._events.append(MessagesAcknowledged(peer.id, handles))
-        self.stats["acknowledged"] += seq - peer.acked
-        peer.acked = seq
+        self.stats["acknowledged"] += len(handles)
         peer.resend_backoff = RESEND_INITIAL
-        if queue:
+        if delivery.unacknowledged():
             self._timers.set(_timer("resend", peer.id), now + RESEND_INITIAL)
         else:
             self._timers.cancel(_timer("resend", peer.id))
 
     def _on_authenticated(self, conn: _Connection, peer: _Peer, now: float) -> None:
         """The first authenticated DATA frame on `conn`: now its HELLO counts (SPEC §4)."""
-        if peer.instance is not None and conn.peer_instance != peer.instance:
-            self._peer_restarted(peer, conn, now)
-        peer.instance = conn.peer_instance
+        self._strangers.pop(conn.id, None)
+        self._timers.cancel(_timer("first", conn.id))
+        conn.key_wanted = conn.ack_wanted = True  # SPEC §4: KEY+ACK within 100 ms
+        self._ready.add(conn.id)
+        delivery = peer.delivery
+        instance = conn.peer_instance
+        numbering = delivery.numberings.get(instance)
+        if numbering is None:
+            numbering = delivery.numberings[instance] = Numbering(instance, now)
+        numbering.last_auth = now
+        if delivery.current != instance:
+            # A new instance (a restart, or a forgery by a holder of this period's key):
+            # the messages no instance has acknowledged are copied into its numbering.
+            if delivery.current is not None:
+                self.stats["peer_restarts"] += 1
+                self._events.append(PeerRestarted(peer.id))
+            for message in delivery.waiting():
+                if message.handle not in numbering.handles:
+                    self._number(numbering, message)
+            delivery.current = instance
+            for other in list(peer.conns):
+                if other is not conn and other.authenticated and other.peer_instance != instance:
+                    self._abort(other)
         kept = conn
-        if peer.active is not None and peer.active is not conn:
-            kept = self._tie_break(peer.active, conn)
-            loser = conn if kept is peer.active else peer.active
-            self._abort(loser)
-        peer.active = kept
-        peer.dial_backoff = DIAL_BACKOFF_INITIAL
-        self._timers.cancel(_timer("dial", peer.id))
-        self._events.append(ConnectionAuthenticated(conn.id, peer.id, kept is conn))
+        for other in list(peer.conns):
+            if other is not conn and other.authenticated and other.state is ConnectionState.OPEN:
+                kept = self._tie_break(other, conn, now)
+                self._abort(other if kept is conn else conn)
+                break
+        self._evict(peer, now)
         if kept is conn:
+            peer.active = conn
+            peer.dial_backoff = DIAL_BACKOFF_INITIAL
+            self._timers.cancel(_timer("dial", peer.id))
             peer.rejected = False
             peer.resend_backoff = RESEND_INITIAL
             self._resend_all(peer, conn, now)  # SPEC §4: on each new authenticated connection
+        self._events.append(ConnectionAuthenticated(conn.id, peer.id, kept is conn))
 
-    def _tie_break(self, old: _Connection, new: _Connection) -> _Connection:
-        """SPEC §4: keep the connection initiated by the member whose id is lower bytewise."""
-        assert new.peer is not None
-        lower_is_me = id_order_key(self.me) < id_order_key(new.peer)
+    def _tie_break(self, old: _Connection, new: _Connection, now: float) -> _Connection:
+        """SPEC §4: of two authenticated connections with the same peer instance, the
+        newer wins, except for crossed dials (the older authenticated less than the
+        handshake timeout ago): then the one initiated by the lower id."""
+        assert old.authenticated_at is not None
+        if now - old.authenticated_at >= HANDSHAKE_TIMEOUT:
+            return new
+        lower_is_me = id_order_key(self.me) < id_order_key(cast(str, new.peer))
         old_by_lower = old.initiator == lower_is_me
         new_by_lower = new.initiator == lower_is_me
         if old_by_lower and not new_by_lower:
             return old
         return new  # initiated by the lower member, or both by the same one: the newer wins
 
-    def _peer_restarted(self, peer: _Peer, conn: _Connection, now: float) -> None:
-        """A new instance of the peer: renumber what it has not acknowledged, from 1."""
-        for other in list(peer.conns):
-            if other is not conn and other.peer_instance != conn.peer_instance:
-                self._abort(other)
-        peer.active = None
-        peer.queue = deque(
-            self._message(message.handle, seq, message.body)
-            for seq, message in enumerate(peer.queue, start=1)
-        )
-        peer.queued_bytes = sum(len(message.packed) for message in peer.queue)
-        peer.next_seq = len(peer.queue) + 1
-        peer.acked = peer.highest_sent = 0
-        peer.delivered = 0
-        self.stats["peer_restarts"] += 1
-        self._events.append(PeerRestarted(peer.id))
+    def _evict(self, peer: _Peer, now: float) -> None:
+        """SPEC §4: keep the newest instance's numbering and those with an open
+        authenticated connection; of the others, those with an authenticated frame in
+        the last two periods, at most KEPT_INSTANCES."""
+        delivery = peer.delivery
+        keep = {c.peer_instance for c in peer.conns if c.authenticated}
+        if delivery.current is not None:
+            keep.add(delivery.current)
+        delivery.evict(keep, now - 2 * self.schedule.period_s, KEPT_INSTANCES)
 
     def _on_reject(self, conn: _Connection, reject: frames.Reject, now: float) -> None:
         if conn.state is not ConnectionState.OPEN:
             raise FrameError(frames.BAD_FRAME, "REJECT before both HELLOs")
-        assert conn.peer is not None
-        peer = self._peers[conn.peer]
+        peer = self._peers[cast(str, conn.peer)]
         self.stats["rejects_received"] += 1
-        # SPEC §4: unauthenticated, so it only restarts the re-send timer.
+        # SPEC §4: unauthenticated, so it only restarts the re-send timer; never an
+        # older key, never the KEY+ACK timer of a connection not yet authenticated.
         peer.rejected = True
-        self._timers.set(_timer("resend", peer.id), now + peer.resend_backoff)
+        if peer.delivery.unacknowledged():
+            self._timers.set(_timer("resend", peer.id), now + peer.resend_backoff)
 
     def _on_close(self, conn: _Connection, close: frames.Close, now: float) -> None:
         self.stats["closes_received"] += 1
-        self._events.append(Refused(conn.id, conn.peer, "closed-by-peer", close.reason[:64]))
+        self._events.append(
+            Refused(conn.id, conn.peer, "closed-by-peer", frames.printable(close.reason))
+        )
         self.connection_lost(conn.id, now)
 
     # ------------------------------------------------------------------ bytes out
@@ -700,39 +884,56 @@ class Session:
         return data
 
     def _seal_pending(self, conn: _Connection, now: float) -> None:
-        assert conn.peer is not None
-        peer = self._peers[conn.peer]
-        sending = conn is peer.active and conn.authenticated
-        # An ACK may overtake what this connection sent (it acknowledges an earlier one).
-        unsent = min(peer.next_seq - 1 - conn.sent_upto, len(peer.queue)) if sending else 0
-        if not conn.ack_wanted and unsent <= 0:
+        peer = self._peers[cast(str, conn.peer)]
+        numbering = None
+        if conn is peer.active:
+            numbering = peer.delivery.numberings.get(conn.peer_instance)
+            if numbering is not None and numbering.next_seq - 1 <= conn.sent_upto:
+                numbering = None  # nothing new to send here
+        if not conn.ack_wanted and not conn.key_wanted and numbering is None:
             return
-        period_key = peer.key.seal_key(now)
-        if period_key is None:
-            conn.ack_wanted = False  # SPEC §4: never seal under an erased or ended key
+        t = self._seal_period(conn, peer, now)
+        if t is None:
+            return  # SPEC §4: nothing under a key the peer may not hold; wait for one
+        # SPEC §4: a message once sealed under period t never goes into an older frame;
+        # it waits, and so do the ones behind it (they would only arrive out of order).
+        ready = []
+        if numbering is not None:
+            for entry in numbering.unsent(conn.sent_upto):
+                first = entry.message.first_period
+                if first is not None and first > t:
+                    break
+                ready.append(entry)
+        if not conn.ack_wanted and not conn.key_wanted and not ready:
             return
-        aead = self._send_aead(conn, peer)
-        t = peer.key.period
+        aead = self._aead(conn, peer, t, sending=True)
         pack = self._packer.pack
-        acked = peer.delivered if conn.peer_instance == peer.instance else 0
-        ack = pack([frames.ACK, acked, None])
-        items = [ack]
-        size = len(ack)
-        if unsent > 0:
-            start = len(peer.queue) - unsent
-            for message in islice(peer.queue, start, None):
-                if size + len(message.packed) > PLAINTEXT_LIMIT - 5:
-                    self._seal(conn, aead, t, items)
-                    items = [ack]
-                    size = len(ack)
-                items.append(message.packed)
-                size += len(message.packed)
-            conn.sent_upto = peer.highest_sent = peer.next_seq - 1
+        delivered = 0
+        if conn.authenticated and (mine := peer.delivery.numberings.get(conn.peer_instance)):
+            delivered = mine.delivered
+        header = [pack([frames.ACK, delivered, None])]
+        if conn.key_wanted or not conn.authenticated:
+            header.append(pack([frames.KEY, peer.keys.period, None]))
+        items = list(header)
+        size = sum(map(len, items))
+        for entry in ready:
+            if size + len(entry.packed) > PLAINTEXT_LIMIT - 5 and len(items) > len(header):
+                self._seal(conn, aead, t, items)
+                items = list(header)
+                size = sum(map(len, items))
+            if entry.message.first_period is None:
+                entry.message.first_period = t
+            items.append(entry.packed)
+            size += len(entry.packed)
+        if ready:
+            assert numbering is not None
+            conn.sent_upto = ready[-1].seq
+            numbering.highest_sent = max(numbering.highest_sent, conn.sent_upto)
             resend = _timer("resend", peer.id)
             if resend not in self._timers:
                 self._timers.set(resend, now + peer.resend_backoff)
         self._seal(conn, aead, t, items)
-        conn.ack_wanted = False
+        conn.ack_wanted = conn.key_wanted = False
         conn.last_send = now
 
     def _seal(self, conn: _Connection, aead: AESGCM, t: int, items: list[bytes]) -> None:
@@ -742,39 +943,34 @@ class Session:
         frames.seal_data_into(conn.out, aead, t, n, plaintext, self._packer)
         self.stats["frames_sent"] += 1
 
-    def _send_aead(self, conn: _Connection, peer: _Peer) -> AESGCM:
-        cached = conn.send_aead
-        if cached is not None and cached[0] == peer.key.generation:
-            return cached[1]
-        key = frames.traffic_key(
-            peer.key.open_key(), self.tvd, self.me, peer.id, peer.key.period,
-            conn.local_nonce, conn.peer_nonce, self.instance, conn.peer_instance,
-        )  # fmt: skip
-        aead = frames.new_aead(key)
-        conn.send_aead = (peer.key.generation, aead)
-        return aead
-
-    def _recv_aead(self, conn: _Connection, peer: _Peer) -> AESGCM:
-        cached = conn.recv_aead
-        if cached is not None and cached[0] == peer.key.generation:
-            return cached[1]
-        key = frames.traffic_key(
-            peer.key.open_key(), self.tvd, peer.id, self.me, peer.key.period,
-            conn.peer_nonce, conn.local_nonce, conn.peer_instance, self.instance,
-        )  # fmt: skip
-        aead = frames.new_aead(key)
-        conn.recv_aead = (peer.key.generation, aead)
+    def _aead(self, conn: _Connection, peer: _Peer, t: int, *, sending: bool) -> AESGCM:
+        """The AEAD of period t's traffic key on `conn`, one way (SPEC §4)."""
+        cache = conn.send_aead if sending else conn.recv_aead
+        aead = cache.get(t)
+        if aead is None:
+            if sending:
+                ids = (self.me, peer.id, conn.local_nonce, conn.peer_nonce)
+                instances = (self.instance, conn.peer_instance)
+            else:
+                ids = (peer.id, self.me, conn.peer_nonce, conn.local_nonce)
+                instances = (conn.peer_instance, self.instance)
+            key = frames.traffic_key(
+                peer.keys.open_key(t), self.tvd, ids[0], ids[1], t, ids[2], ids[3], *instances
+            )
+            aead = cache[t] = frames.new_aead(key)
         return aead
 
     def _resend_all(self, peer: _Peer, conn: _Connection, now: float) -> None:
-        """Seal every unacknowledged message anew on `conn` (a sealed frame is never re-sent)."""
-        resent = peer.highest_sent - peer.acked
-        if resent > 0:
-            self.stats["resends"] += resent
-        conn.sent_upto = peer.acked
+        """Seal every unacknowledged copy anew on `conn` (a sealed frame is never re-sent)."""
+        numbering = peer.delivery.numberings.get(conn.peer_instance)
+        if numbering is not None and numbering.entries:
+            resent = sum(1 for e in numbering.entries if e.seq <= numbering.highest_sent)
+            if resent:
+                self.stats["resends"] += resent
+        conn.sent_upto = 0
         conn.ack_wanted = True
         self._ready.add(conn.id)
-        if peer.queue:
+        if peer.delivery.unacknowledged():
             self._timers.set(_timer("resend", peer.id), now + peer.resend_backoff)
 
     # ------------------------------------------------------------------ closing
@@ -801,7 +997,9 @@ class Session:
     def _detach(self, conn: _Connection, now: float | None) -> None:
         """Unhook `conn` from its peer; with `now`, dial again if messages still wait."""
         conn.drop_traffic_keys()
+        self._strangers.pop(conn.id, None)
         self._timers.cancel(_timer("conn", conn.id))
+        self._timers.cancel(_timer("first", conn.id))
         peer = self._peers.get(conn.peer) if conn.peer is not None else None
         if peer is None:
             return
@@ -810,9 +1008,10 @@ class Session:
             peer.active = None
         if now is None:
             return
-        if not conn.authenticated:
-            # Never authenticated (refused, or a key missing at either end): back off, so
-            # that a peer that keeps refusing us is not dialed in a loop.
+        self._retire_older(peer, now)
+        if conn.initiator and not conn.authenticated:
+            # Our dial never authenticated (refused, or a key missing at either end):
+            # back off, so that a peer that keeps refusing us is not dialed in a loop.
             self._timers.set_earliest(_timer("dial", peer.id), now + peer.dial_backoff)
             peer.dial_backoff = min(peer.dial_backoff * 2, DIAL_BACKOFF_MAX)
         self._maybe_dial(peer, now)
@@ -835,10 +1034,13 @@ class Session:
         """Run every timer that is due at `now`."""
         for key in self._timers.pop_due(now):
             kind, name = cast(tuple[str, Any], key)
-            if kind == "conn":
+            if kind in ("conn", "first"):
                 conn = self._conns.get(name)
                 if conn is not None:
-                    self._on_conn_timer(conn, now)
+                    if kind == "conn":
+                        self._on_conn_timer(conn, now)
+                    else:
+                        self._on_first_timer(conn, now)
                 continue
             peer = self._peers.get(name)
             if peer is None:
@@ -860,7 +1062,7 @@ class Session:
         if now >= conn.last_auth_recv + IDLE_TIMEOUT:
             self._close(conn, frames.TIMEOUT, "no authenticated DATA in time", now)
             return
-        if now >= conn.last_send + KEEPALIVE_INTERVAL:
+        if now >= conn.last_send + KEEPALIVE_INTERVAL and conn.authenticated:
             conn.ack_wanted = True  # a keepalive: an ACK-only frame
             self._ready.add(conn.id)
             conn.last_send = now
@@ -868,40 +1070,52 @@ class Session:
             key, min(conn.last_auth_recv + IDLE_TIMEOUT, conn.last_send + KEEPALIVE_INTERVAL)
         )
 
+    def _on_first_timer(self, conn: _Connection, now: float) -> None:
+        """SPEC §4: KEY+ACK again, backing off, until the peer's first frame authenticates,
+        so that crossed first frames near a period boundary cannot leave it silent."""
+        if conn.state is not ConnectionState.OPEN or conn.authenticated:
+            return
+        conn.key_wanted = conn.ack_wanted = True
+        self._ready.add(conn.id)
+        conn.first_backoff = min(conn.first_backoff * 2, RESEND_MAX)
+        self._timers.set(_timer("first", conn.id), now + conn.first_backoff)
+
     def _on_resend_timer(self, peer: _Peer, now: float) -> None:
         """The oldest message waited a back-off: re-send everything unacknowledged (SPEC §4)."""
-        again = False
-        if peer.active is not None and peer.queue:
-            self._resend_all(peer, peer.active, now)
-            again = True
-        for conn in peer.conns:
-            if conn.state is ConnectionState.OPEN and not conn.authenticated:
-                conn.ack_wanted = True  # SPEC §4: ACK-only again after each REJECT
-                self._ready.add(conn.id)
-                again = True
+        if not peer.delivery.unacknowledged():
+            return
         peer.resend_backoff = min(peer.resend_backoff * 2, RESEND_MAX)
-        if again and peer.key.seal_key(now) is not None:
+        if peer.active is not None:
+            self._resend_all(peer, peer.active, now)
+        else:
             self._timers.set(_timer("resend", peer.id), now + peer.resend_backoff)
-        self._maybe_dial(peer, now)
+            self._maybe_dial(peer, now)
 
     def _on_key_timer(self, peer: _Peer, now: float) -> None:
-        period = peer.key.period
-        if peer.key.expire(now):
-            for conn in peer.conns:
-                conn.drop_traffic_keys()
-            self.stats["keys_erased"] += 1
-            self._events.append(KeyErased(peer.id, period))
-        elif (deadline := peer.key.deadline()) is not None:
-            self._timers.set(_timer("key", peer.id), deadline)
+        self._erased(peer, peer.keys.expire(now))
+        self._retire_older(peer, now)
+        for conn in peer.conns:
+            if conn.state is ConnectionState.OPEN and not conn.authenticated:
+                # A new period by this node's clock: first frames go under its key now.
+                conn.ack_wanted = conn.key_wanted = True
+                self._ready.add(conn.id)
+        self._evict(peer, now)
+        self._schedule_key_timer(peer, now)
 
     def _maybe_dial(self, peer: _Peer, now: float) -> None:
-        """Ask for a connection when messages wait, none exists, and a key can seal them."""
+        """Ask for a connection when messages wait, no authenticated connection exists,
+        no dial of ours is under way, and a key can open a new connection now.
+
+        SPEC §4: connections that strangers opened toward us (not authenticated) never
+        count: a silent one naming this peer delays nothing.
+        """
         if (
-            not peer.queue
-            or peer.conns
+            not peer.delivery.unacknowledged()
+            or peer.active is not None
             or peer.dialing
             or peer.id not in self._peers
-            or peer.key.seal_key(now) is None
+            or any(c.initiator for c in peer.conns)
+            or not self._can_open(peer, now)
         ):
             return
         dial = _timer("dial", peer.id)
@@ -912,16 +1126,34 @@ class Session:
         peer.dialing = True
         self._events.append(Dial(peer.id))
 
+    def _can_open(self, peer: _Peer, now: float) -> bool:
+        """Whether a new connection could carry frames now: this node holds the key of
+        the period current by its clock (SPEC §4)."""
+        try:
+            current = self.schedule.period_at(now)
+        except Exception:  # before the epoch or after the last period
+            return False
+        key = peer.keys.get(current)
+        return key is not None and now < peer.keys.lifetime(current)
+
     # ------------------------------------------------------------------ introspection
 
     def peer_status(self, peer_id: str) -> dict[str, Any]:
         """A snapshot for status displays (no key material)."""
         peer = self._peer(peer_id)
+        keys = peer.keys
+        numbering = (
+            peer.delivery.numberings.get(peer.delivery.current)
+            if peer.delivery.current is not None
+            else None
+        )
         return {
-            "period": peer.key.period,
-            "has_key": peer.key.has_key,
+            "period": keys.period,
+            "has_key": keys.has_key,
+            "older_key": keys.older.period if keys.older is not None and keys.older.held else None,
             "connected": peer.active is not None,
             "connections": len(peer.conns),
-            "unacknowledged": len(peer.queue),
-            "delivered": peer.delivered,
+            "unacknowledged": peer.delivery.unacknowledged(),
+            "delivered": numbering.delivered if numbering is not None else 0,
+            "instances": len(peer.delivery.numberings),
         }
