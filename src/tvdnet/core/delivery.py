@@ -18,8 +18,8 @@ Sans-I/O like the Session that drives it: no clock, no sockets.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 
 __all__ = ["Entry", "Numbering", "OutMessage", "PeerDelivery"]
 
@@ -52,6 +52,7 @@ class Numbering:
     """Message numbers between this node's instance and one instance of the peer."""
 
     __slots__ = (
+        "acknowledged_any",
         "delivered",
         "entries",
         "handles",
@@ -67,6 +68,7 @@ class Numbering:
         self.handles: set[int] = set()  # the messages these entries carry
         self.next_seq = 1
         self.highest_sent = 0  # the highest number ever sealed in this numbering
+        self.acknowledged_any = False  # whether any ACK acknowledged a copy here
         self.delivered = 0  # receiving: the highest contiguous number delivered from it
         self.last_auth = now  # its last authenticated frame, for eviction
 
@@ -99,7 +101,22 @@ class Numbering:
             else:
                 kept.append(entry)
         entries.extendleft(reversed(kept))
+        if acked:
+            self.acknowledged_any = True
         return acked
+
+    def continue_after(self, number: int, pack_header: Callable[[int], bytes]) -> None:
+        """Nothing was acknowledged here yet, and the peer instance says it has delivered
+        up to `number` of this numbering, more than was ever sent in it (it remembers a
+        numbering this node had to forget): number the copies from number + 1 on, so that
+        they are not taken for duplicates and nothing waits for a number never sent."""
+        assert not self.acknowledged_any
+        self.highest_sent = 0
+        self.next_seq = number + 1
+        for entry in self.entries:
+            entry.seq = self.next_seq
+            entry.packed = pack_header(entry.seq) + entry.message.body
+            self.next_seq += 1
 
     def unsent(self, after: int) -> Iterator[Entry]:
         """The copies numbered above `after`, in order."""
@@ -111,7 +128,14 @@ class Numbering:
 class PeerDelivery:
     """Everything a node keeps to deliver to one peer and from it."""
 
-    __slots__ = ("current", "numberings", "pending", "pending_bytes", "pending_count")
+    __slots__ = (
+        "current",
+        "forgotten",
+        "numberings",
+        "pending",
+        "pending_bytes",
+        "pending_count",
+    )
 
     def __init__(self) -> None:
         self.pending: deque[OutMessage] = deque()  # not yet acknowledged anywhere, in order
@@ -119,6 +143,9 @@ class PeerDelivery:
         self.pending_bytes = 0
         self.numberings: dict[bytes, Numbering] = {}
         self.current: bytes | None = None  # the instance authenticated most recently
+        # Of instances whose numbering was evicted, how far each had delivered (bounded):
+        # one that returns resumes receiving where it stopped instead of at 1.
+        self.forgotten: OrderedDict[bytes, int] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<PeerDelivery pending={len(self.pending)} numberings={len(self.numberings)}>"
@@ -147,18 +174,37 @@ class PeerDelivery:
             pending.popleft()
         return True
 
-    def evict(self, keep: set[bytes], since: float, at_most: int) -> list[bytes]:
+    def delivered_from(self, instance: bytes) -> int:
+        """How far this node delivered from `instance` (0 if it never did, as far as it
+        remembers), without creating its numbering."""
+        numbering = self.numberings.get(instance)
+        return numbering.delivered if numbering is not None else self.forgotten.get(instance, 0)
+
+    def numbering(self, instance: bytes, now: float) -> Numbering:
+        """The numbering of `instance`, resumed or new."""
+        numbering = self.numberings.get(instance)
+        if numbering is None:
+            numbering = self.numberings[instance] = Numbering(instance, now)
+            numbering.delivered = self.forgotten.pop(instance, 0)
+        return numbering
+
+    def evict(self, keep: set[bytes], since: float, at_most: int, remember: int) -> list[bytes]:
         """Forget the numberings that are neither in `keep` nor had an authenticated frame
-        since `since`, and beyond those, all but the `at_most` most recent."""
+        since `since`, and beyond those, all but the `at_most` most recent; of the
+        forgotten, remember how far they delivered (the `remember` most recent)."""
         others = sorted(
             (n for n in self.numberings.values() if n.instance not in keep),
             key=lambda n: n.last_auth,
             reverse=True,
         )
-        gone = [n.instance for i, n in enumerate(others) if i >= at_most or n.last_auth < since]
-        for instance in gone:
-            del self.numberings[instance]
-        return gone
+        gone = [n for i, n in enumerate(others) if i >= at_most or n.last_auth < since]
+        for numbering in gone:
+            del self.numberings[numbering.instance]
+            self.forgotten[numbering.instance] = numbering.delivered
+            self.forgotten.move_to_end(numbering.instance)
+        while len(self.forgotten) > remember:
+            self.forgotten.popitem(last=False)
+        return [n.instance for n in gone]
 
     def forget(self) -> list[OutMessage]:
         """Drop everything (the peer left the TVD); returns the undelivered messages."""
@@ -166,5 +212,6 @@ class PeerDelivery:
         self.pending.clear()
         self.pending_count = self.pending_bytes = 0
         self.numberings.clear()
+        self.forgotten.clear()
         self.current = None
         return lost

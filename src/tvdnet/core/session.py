@@ -43,6 +43,7 @@ from . import frames
 from .constants import (
     DIAL_BACKOFF_INITIAL,
     DIAL_BACKOFF_MAX,
+    FORGOTTEN_INSTANCES,
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
     INSTANCE_LEN,
@@ -116,6 +117,7 @@ class _Connection:
         "send_aead",
         "send_n",
         "sent_upto",
+        "shown",
         "source",
         "state",
     )
@@ -136,6 +138,7 @@ class _Connection:
         self.authenticated_at: float | None = None  # the peer's first DATA frame here
         self.frame_max = 0  # the newest period of an authenticated frame from the peer here
         self.key_seen = 0  # the newest KEY the peer sent here
+        self.shown: set[int] = set()  # periods the peer is known to hold (recent ones)
         self.reader = frames.new_reader()
         self.out = bytearray()
         # Traffic keys as AEAD objects, by period, per direction (SPEC §4: dropped with
@@ -156,7 +159,14 @@ class _Connection:
 
     def peer_holds(self, t: int) -> bool:
         """SPEC §4: the peer is known to hold period t's key (on this connection)."""
-        return t in (self.key_seen, self.key_seen - 1) or t == self.frame_max
+        return t in self.shown
+
+    def show(self, *periods: int, newest: int) -> None:
+        """The peer showed these periods (KEY x shows x and x-1; a frame under x, x);
+        only the ones this node may still seal under (P and P-1) are kept."""
+        self.shown.update(periods)
+        if len(self.shown) > 2:
+            self.shown = {t for t in self.shown if t >= newest - 1}
 
     def drop_traffic_keys(self, period: int | None = None) -> None:
         if period is None:
@@ -483,8 +493,11 @@ class Session:
 
     def _number(self, numbering: Numbering, message: OutMessage) -> None:
         """A copy of `message` in `numbering`, under its next number."""
-        seq = numbering.next_seq
-        numbering.add(message, _MSG_HEADER + self._packer.pack(seq) + message.body)
+        numbering.add(message, self._msg_header(numbering.next_seq) + message.body)
+
+    def _msg_header(self, seq: int) -> bytes:
+        """The packed [0, seq, ...] up to the body."""
+        return _MSG_HEADER + self._packer.pack(seq)
 
     def window_open(self, peer_id: str) -> bool:
         """Whether `send` to this peer would be accepted now (the send window has room)."""
@@ -694,6 +707,7 @@ class Session:
         learned = newer and t > conn.key_seen
         if newer:
             conn.frame_max = t  # SPEC §4: older keys stop on this connection here
+        conn.show(t, newest=peer.keys.period)
         if not conn.authenticated:
             conn.authenticated_at = now
             self._on_authenticated(conn, peer, now)
@@ -723,6 +737,7 @@ class Session:
         numbering = peer.delivery.numberings.get(conn.peer_instance)
         if numbering is None:  # its instance lost a tie-break and is gone: nothing counts
             return
+        numbering.last_auth = now
         got_message = False
         for item in items:
             if type(item) is not list or len(item) != 3:
@@ -748,12 +763,12 @@ class Session:
             elif kind == frames.KEY:
                 if not 1 <= seq <= self.schedule.periods or body is not None:
                     raise FrameError(frames.BAD_FRAME, "KEY must be [2, t in 1..N, nil]")
-                if seq > conn.key_seen:
-                    if seq > conn.frame_max and seq > conn.key_seen:
-                        # SPEC §4: first learning that the peer holds a newer key: KEY+ACK.
-                        conn.key_wanted = conn.ack_wanted = True
-                        self._ready.add(conn.id)
-                    conn.key_seen = seq
+                if seq > conn.key_seen and seq > conn.frame_max:
+                    # SPEC §4: first learning that the peer holds a newer key: KEY+ACK.
+                    conn.key_wanted = conn.ack_wanted = True
+                    self._ready.add(conn.id)
+                conn.key_seen = max(conn.key_seen, seq)
+                conn.show(seq, seq - 1, newest=peer.keys.period)
             # any other kind: an extension this node does not know, ignored (SPEC §4)
         if got_message:
             # SPEC §4: ACK within 100 ms of any MSG, duplicates included; we ACK at once.
@@ -768,6 +783,16 @@ class Session:
             return
         if upto > numbering.highest_sent:
             self.stats["protocol_errors"] += 1  # acknowledges nothing
+            if not numbering.acknowledged_any:
+                # The peer instance remembers a numbering this node had to forget (SPEC §4
+                # keeps only so many): go on from where it is rather than stall.
+                self.stats["numberings_resumed"] += 1
+                numbering.continue_after(upto, self._msg_header)
+                for conn in peer.conns:
+                    if conn.peer_instance == numbering.instance:
+                        conn.sent_upto = 0
+                        conn.ack_wanted = True
+                        self._ready.add(conn.id)
             return
         acked = numbering.acknowledge(upto, period)
         if not acked:
@@ -792,9 +817,7 @@ class Session:
         self._ready.add(conn.id)
         delivery = peer.delivery
         instance = conn.peer_instance
-        numbering = delivery.numberings.get(instance)
-        if numbering is None:
-            numbering = delivery.numberings[instance] = Numbering(instance, now)
+        numbering = delivery.numbering(instance, now)
         numbering.last_auth = now
         if delivery.current != instance:
             # A new instance (a restart, or a forgery by a holder of this period's key):
@@ -847,7 +870,7 @@ class Session:
         keep = {c.peer_instance for c in peer.conns if c.authenticated}
         if delivery.current is not None:
             keep.add(delivery.current)
-        delivery.evict(keep, now - 2 * self.schedule.period_s, KEPT_INSTANCES)
+        delivery.evict(keep, now - 2 * self.schedule.period_s, KEPT_INSTANCES, FORGOTTEN_INSTANCES)
 
     def _on_reject(self, conn: _Connection, reject: frames.Reject, now: float) -> None:
         if conn.state is not ConnectionState.OPEN:
@@ -908,9 +931,10 @@ class Session:
             return
         aead = self._aead(conn, peer, t, sending=True)
         pack = self._packer.pack
-        delivered = 0
-        if conn.authenticated and (mine := peer.delivery.numberings.get(conn.peer_instance)):
-            delivered = mine.delivered
+        # SPEC §4: the ACK counts in the numbering of the two instances bound into this
+        # frame's key (the HELLOs'), before the peer authenticates too: a returning
+        # instance learns where this node stands at once.
+        delivered = peer.delivery.delivered_from(conn.peer_instance)
         header = [pack([frames.ACK, delivered, None])]
         if conn.key_wanted or not conn.authenticated:
             header.append(pack([frames.KEY, peer.keys.period, None]))
