@@ -38,7 +38,7 @@ REFUSALS = {
     "rejected_unknown": "a frame of a period it holds no key for",
     "auth_failures": "a frame that failed authentication",
     "protocol_errors": "a protocol error",
-    "connections_refused": "a connection over the cap on unauthenticated ones",
+    "connections_displaced": "a connection over the cap on unauthenticated ones",
 }
 WATCH_INTERVAL = 0.5  # seconds between looks at the node's period and counters
 

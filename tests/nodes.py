@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -37,6 +38,7 @@ class Harness:
         epoch: float = EPOCH,
         clock: WallClock | None = None,
         external: tuple[str, ...] = (),
+        bridge_lead: float = 0.0,
     ) -> None:
         """`external` members' nodes run elsewhere: `external_config(vm)` says how."""
         self.max_unauthenticated = max_unauthenticated
@@ -57,6 +59,11 @@ class Harness:
         # By default time starts 1 s into period 1 (for MockClock); real-time tests pass
         # WallClock() and an epoch just behind the real time.
         self.clock = clock or WallClock(offset=epoch + 1.0)
+        # A bridge whose clock runs `bridge_lead` seconds ahead pushes each period's
+        # update that much early (within the nodes' allowance: they apply it early).
+        self.bridge_clock = (
+            WallClock(offset=self.clock.offset + bridge_lead) if bridge_lead else self.clock
+        )
         # Ports are chosen up front: they go into the welcome before any node runs, and a
         # restarted node comes back where its peers expect it.
         self.ports = {vm: free_port() for vm in members}
@@ -125,7 +132,9 @@ class Harness:
     async def _run_bridge(self, task_status: trio.TaskStatus[None]) -> None:
         with trio.CancelScope() as scope:
             self._bridge_scope = scope
-            async with open_bridge(self.config_of_tvd, self.device, clock=self.clock) as bridge:
+            async with open_bridge(
+                self.config_of_tvd, self.device, clock=self.bridge_clock
+            ) as bridge:
                 self.bridge = bridge
                 task_status.started()
                 await trio.sleep_forever()
@@ -147,6 +156,26 @@ class Harness:
                 self.nodes[vm] = node
                 task_status.started()
                 await trio.sleep_forever()
+
+    def delay_updates(self, vm: str, delay: float, nursery: trio.Nursery) -> None:
+        """Every update the bridge hands `vm`'s worker reaches it `delay` seconds later."""
+        assert self.bridge is not None
+        worker = self.bridge.worker(vm)
+        deliver = worker.new_update
+
+        async def later(
+            t: int, update: bytes, start: float, end: float, kwargs: dict[str, Any]
+        ) -> None:
+            await trio.sleep(delay)
+            deliver(t, update, start, end, self.bridge_clock.now(), **kwargs)
+
+        def new_update(
+            t: int, update: bytes, period_start: float, period_end: float, now: float, **kw: Any
+        ) -> None:
+            nursery.start_soon(later, t, update, period_start, period_end, kw)
+
+        # Replacing a method on one instance is the point here (mypy refuses that).
+        worker.new_update = new_update  # type: ignore[method-assign]
 
     async def wait_keys(self, t: int | None = None) -> None:
         """Until every node holds keys for every pair (of period t or later, if given)."""

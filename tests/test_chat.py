@@ -7,24 +7,27 @@ processes, the chats driven through ptys by pexpect as a person at a terminal wo
 
 from __future__ import annotations
 
+import io
 import os
-import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pexpect
 import pytest
 
 from device_bridge._cli import main as bridge_main
-from tvdnet_tools.local import free_port
+from tvdnet_tools.local import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "examples" / "local"
 CHAT = REPO / "examples" / "chat.py"
 # Generous: a loaded 2-core machine may take long to start Python and a node.
 TIMEOUT = 240
+PERIOD_S = 1.5
 
 
 @pytest.fixture
@@ -37,6 +40,8 @@ def local_tvd(tmp_path: Path) -> Iterator[Path]:
         text = (LOCAL / name).read_text()
         for n, port in ports.items():
             text = text.replace(f"127.0.0.1:710{n}", f"127.0.0.1:{port}")
+        # Periods of 1.5 s, so that the conversation crosses period changes.
+        text = text.replace("period_seconds = 10.0", f"period_seconds = {PERIOD_S}")
         (directory / name).write_text(text)
     command = ["provision", str(directory / "tvd.toml"), "--out", str(directory / "keys")]
     assert bridge_main([*command, "--plaintext"]) == 0
@@ -51,18 +56,13 @@ def local_tvd(tmp_path: Path) -> Iterator[Path]:
     try:
         yield directory
     finally:
-        bridge.send_signal(signal.SIGTERM)
-        try:
-            bridge.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            bridge.kill()
-            bridge.wait()
+        stop_process(bridge, timeout=60)
 
 
 def _chat(config: Path) -> pexpect.spawn[str]:
     # TERM=dumb: rich writes plain text, so the patterns below see no escape codes.
     environment = {**os.environ, "TERM": "dumb", "NO_COLOR": "1"}
-    return pexpect.spawn(
+    chat = pexpect.spawn(
         sys.executable,
         [str(CHAT), "--config", str(config), "--timeout", "5"],
         env=environment,
@@ -70,6 +70,8 @@ def _chat(config: Path) -> pexpect.spawn[str]:
         timeout=TIMEOUT,
         dimensions=(50, 200),
     )
+    chat.logfile_read = io.StringIO()  # everything the person at this terminal saw
+    return chat
 
 
 def test_a_line_typed_in_one_chat_appears_in_the_other(local_tvd: Path) -> None:
@@ -95,12 +97,20 @@ def test_a_line_typed_in_one_chat_appears_in_the_other(local_tvd: Path) -> None:
         a.sendline("/msg vm-q anyone?")
         a.expect("x not delivered to vm-q")
 
+        # Across period changes in a quiet TVD (no attacker), nothing is refused.
+        for i in range(4):
+            b.sendline(f"/msg vm-a after change {i}")
+            a.expect(rf"vm-b \(to you only\): after change {i}")
+            time.sleep(PERIOD_S)
+
         for chat in (a, b):
             chat.sendline("/quit")
             chat.expect("bye")
             chat.expect(pexpect.EOF)
             chat.close()
             assert chat.exitstatus == 0
+            seen = cast(io.StringIO, chat.logfile_read).getvalue()
+            assert "refused" not in seen, seen
     finally:
         for chat in (a, b):
             chat.close(force=True)

@@ -9,7 +9,6 @@ them must not be torn down for it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -24,27 +23,6 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def _delay_updates(h: Harness, vm: str, delay: float, nursery: trio.Nursery) -> None:
-    """Every update the bridge hands `vm`'s worker reaches it `delay` seconds later."""
-    assert h.bridge is not None
-    worker = h.bridge.worker(vm)
-    deliver = worker.new_update
-
-    async def later(
-        t: int, update: bytes, start: float, end: float, kwargs: dict[str, Any]
-    ) -> None:
-        await trio.sleep(delay)
-        deliver(t, update, start, end, h.clock.now(), **kwargs)
-
-    def new_update(
-        t: int, update: bytes, period_start: float, period_end: float, now: float, **kwargs: Any
-    ) -> None:
-        nursery.start_soon(later, t, update, period_start, period_end, kwargs)
-
-    # Replacing a method on one instance is the point here (mypy refuses method assignment).
-    worker.new_update = new_update  # type: ignore[method-assign]
-
-
 async def test_a_node_whose_keys_come_late_every_period_keeps_talking(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:
@@ -55,7 +33,7 @@ async def test_a_node_whose_keys_come_late_every_period_keeps_talking(
         # vm-a's update comes 3.5 s into each period, past the 2 s allowance: vm-a holds
         # no key from 2 s to 3.5 s of every period (the old one's overlap ends at 2 s),
         # while vm-b holds the new one.
-        _delay_updates(h, "vm-a", 3.5, nursery)
+        h.delay_updates("vm-a", 3.5, nursery)
         got: dict[str, list[int]] = {"vm-a": [], "vm-b": []}
         count = 80  # one every 0.5 s: 40 s, 8 periods
         latencies: list[float] = []

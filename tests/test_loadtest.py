@@ -33,6 +33,9 @@ REQUIRED = {
     "cpu_s",
     "allowance_s",
     "machine_stall_ms",
+    "rotation_p99_ms",
+    "steady_p99_ms",
+    "period_changes_s",
 }
 
 
@@ -60,6 +63,10 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     assert set(report["rejects"]) == {"expired", "unknown", "auth"}
     assert report["rejects"]["auth"] == 0  # no frame may fail to authenticate on loopback
     assert report["rotations"] >= 2  # 10 s of periods of 3 s
+    assert len(report["period_changes_s"]) == report["rotations"]
+    # Messages sent within 1 s of a change are reported apart (figures, not asserted).
+    assert report["rotation_messages"] > 0 and report["rotation_p99_ms"] > 0
+    assert report["steady_p99_ms"] > 0
     assert report["peak_rss_mb"].keys() >= {"bridge", "hub", "worker-1", "worker-2"}
     assert report["hub_per_peer_kib"] > 0
     assert report["gc_s"].keys() == {"hub", "worker-1", "worker-2"}
