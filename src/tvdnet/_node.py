@@ -319,8 +319,11 @@ class Node:
                 event.detail,
             )
         elif type(event) is ev.KeyErased:
-            self._keys_erased = True
-            self._last_erased = event.period
+            # Only the end of a pair's newest key can leave the node without any key; the
+            # previous key going at a period change (every pair, every period) cannot.
+            if event.period == self._session.key_state(event.peer).period:
+                self._keys_erased = True
+                self._last_erased = event.period
         elif type(event) is ev.PeerRestarted:
             logger.info("event=peer-restarted peer=%s", event.peer)
         elif type(event) is ev.ConnectionAuthenticated:
