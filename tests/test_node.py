@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,3 +231,83 @@ async def test_a_reader_that_lags_holds_senders_back(
 
 def _fields(config: DataclassInstance) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+async def test_a_timed_out_send_leaves_its_message_queued_and_it_arrives_once(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        address = a._agent.members.pop("vm-b")  # no address: dials fail
+        with pytest.raises(SendTimeout):
+            await a.send("vm-b", "late but once", timeout=2)
+        assert a.unacknowledged("vm-b") == 1
+        a._agent.members["vm-b"] = address
+        with trio.fail_after(120):
+            message = await b.receive()
+        assert message.body == "late but once"
+        with trio.move_on_after(5):
+            await b.receive()
+            raise AssertionError("delivered twice")
+        assert a.unacknowledged("vm-b") == 0
+
+
+async def test_a_cancelled_send_leaves_nothing_behind(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        address = a._agent.members.pop("vm-b")
+        with trio.move_on_after(1):
+            await a.send("vm-b", "cancelled caller", timeout=30)
+        assert not a._waiters and not a._deadlines  # no waiter, no deadline left
+        a._agent.members["vm-b"] = address
+        with trio.fail_after(120):
+            assert (await b.receive()).body == "cancelled caller"  # still delivered
+
+
+async def test_a_send_that_waits_for_the_window_times_out_too(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a = h.nodes["vm-a"]
+        a._agent.members.pop("vm-b")
+        a._session._window_messages = 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(a.send, "vm-b", "fills the window", timeout=60))
+            await trio.sleep(0.1)
+            with pytest.raises(SendTimeout):
+                await a.send("vm-b", "never enters", timeout=2)
+            nursery.cancel_scope.cancel()
+        assert a.unacknowledged("vm-b") == 1  # only the first ever entered
+        assert not a._window_scopes
+
+
+async def test_a_write_that_does_not_complete_is_dropped_by_the_watchdog(
+    tmp_path: Path, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No cancel scope per write: the timer task drops a connection whose write began
+    more than the write timeout ago (here one stuck since 11 s), and only that one."""
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        await h.nodes["vm-a"].send("vm-b", "connected")
+        a = h.nodes["vm-a"]
+        (conn,) = a._streams
+        a._writes[conn] = trio.current_time() - 11.0  # as if send_all had hung since then
+        a._arm(a._clock.now())
+        with trio.fail_after(5):
+            while conn in a._streams:
+                await trio.sleep(0.01)
+        assert "event=write-timeout" in caplog.text
+        await a.send("vm-b", "reconnected")  # a new connection carries on
+        assert [(await h.nodes["vm-b"].receive()).body for _ in range(2)] == [
+            "connected",
+            "reconnected",
+        ]

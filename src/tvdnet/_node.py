@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -49,6 +49,7 @@ from .core.errors import (
     UnknownPeer,
 )
 from .core.session import Session
+from .core.timers import Timers
 from .keyfile import load_computer_keys
 
 __all__ = ["Node", "open_node"]
@@ -60,10 +61,21 @@ _WRITE_TIMEOUT = 10.0  # a peer that takes longer to accept our bytes is dropped
 _DIAL_TIMEOUT = 5.0
 
 
-@dataclass(slots=True)
 class _Waiter:
-    event: trio.Event
-    error: Exception | None = None
+    """A `send()` waiting for its ACK: set when acknowledged, failed or timed out."""
+
+    __slots__ = ("error", "event", "peer", "timeout")
+
+    def __init__(self, peer: str, timeout: float) -> None:
+        self.event = trio.Event()
+        self.error: Exception | None = None
+        self.peer = peer
+        self.timeout = timeout
+
+    def finish(self, error: Exception | None = None) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
 
 
 class _Wakeup:
@@ -102,6 +114,11 @@ class Node:
         self._inbox_ready = trio.Event()
         self._inbox_space = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
+        self._timer_at = math.inf  # trio time the timer task sleeps until
+        self._deadlines = Timers()  # send() deadlines, by waiter
+        self._window_scopes: dict[_Waiter, trio.CancelScope] = {}
+        self._writes: dict[int, float] = {}  # connection -> trio time its write started
+        self._connection_scopes: dict[int, trio.CancelScope] = {}
         self._agent_wakeup = _Wakeup()
         self._stats: Counter[str] = Counter()
         self._log = RateLimitedLog(logger)
@@ -172,23 +189,38 @@ class Node:
         send_timeout; the message stays queued) or SendFailedError (the peer left).
         """
         limit = self.config.send_timeout if timeout is None else timeout
+        now = self._clock.now()
+        waiter = _Waiter(peer, limit)
+        # The deadline is the timer task's business (no cancel scope per message): it
+        # finishes the waiter with SendTimeout; the message stays queued.
+        self._deadlines.set(waiter, now + limit)
+        self._arm(now + limit)
         handle: int | None = None
-        waiter = _Waiter(trio.Event())
         try:
-            with trio.fail_after(limit):
-                while not self._session.window_open(peer):
-                    await self._window_waiters.setdefault(peer, trio.Event()).wait()
-                handle = self._session.send(peer, body, self._clock.now())
-                self._waiters[handle] = waiter
-                self._after()
-                await waiter.event.wait()
-        except trio.TooSlowError:
-            raise SendTimeout(peer, limit) from None
+            if not self._session.window_open(peer):
+                await self._wait_for_window(peer, waiter)
+            handle = self._session.send(peer, body, self._clock.now())
+            self._waiters[handle] = waiter
+            self._after()
+            await waiter.event.wait()
         finally:
+            self._deadlines.cancel(waiter)
             if handle is not None:
                 self._waiters.pop(handle, None)
         if waiter.error is not None:
             raise waiter.error
+
+    async def _wait_for_window(self, peer: str, waiter: _Waiter) -> None:
+        """Backpressure: until the peer's send window has room (or the send times out)."""
+        while not self._session.window_open(peer):
+            if waiter.event.is_set():
+                assert waiter.error is not None
+                raise waiter.error
+            window = self._window_waiters.setdefault(peer, trio.Event())
+            with trio.CancelScope() as scope:
+                self._window_scopes[waiter] = scope
+                await window.wait()
+            self._window_scopes.pop(waiter, None)
 
     async def broadcast(self, body: Any, *, timeout: float | None = None) -> None:
         """Send `body` to every peer at once; raises BroadcastFailed naming who did not ACK."""
@@ -280,15 +312,17 @@ class Node:
         if self._keys_erased:
             self._keys_erased = False
             self._check_cut_off()
-        self._reschedule()
+        deadline = session.next_deadline()
+        if self._clock.trio_time(deadline) < self._timer_at:
+            self._arm(deadline)
 
-    def _reschedule(self) -> None:
-        scope = self._timer_scope
-        if scope is not None:
-            # Both report their real next deadline, so it may move later too (a re-send
-            # that an ACK made unnecessary): no wake-up for nothing.
-            deadline = min(self._session.next_deadline(), self._agent.next_deadline())
-            scope.deadline = self._clock.trio_time(deadline)
+    def _arm(self, deadline: float) -> None:
+        """Wake the timer task by `deadline` (wall time): moved only when earlier."""
+        when = self._clock.trio_time(deadline)
+        if when < self._timer_at:
+            self._timer_at = when
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = when
 
     def _dispatch(self, event: ev.Event) -> None:
         if type(event) is ev.Message:
@@ -298,7 +332,7 @@ class Node:
             for handle in event.handles:
                 waiter = self._waiters.get(handle)
                 if waiter is not None:
-                    waiter.event.set()
+                    waiter.finish()
             window = self._window_waiters.pop(event.peer, None)
             if window is not None:
                 window.set()
@@ -308,8 +342,7 @@ class Node:
         elif type(event) is ev.SendFailed:
             waiter = self._waiters.get(event.handle)
             if waiter is not None:
-                waiter.error = SendFailedError(event.peer, event.reason)
-                waiter.event.set()
+                waiter.finish(SendFailedError(event.peer, event.reason))
         elif type(event) is ev.Refused:
             self._log.warning(
                 f"refused:{event.cause}",
@@ -374,19 +407,46 @@ class Node:
                 )
         if agent.output_size():
             self._agent_wakeup.set()
+        self._arm(agent.next_deadline())
         self._after()
 
     async def _timers(self) -> None:
+        """The node's one timer: the session's and the agent's deadlines, `send()`
+        deadlines, and the write watchdog. It sleeps until the earliest of them; callers
+        only ever move that earlier (`_arm`), so most events move nothing."""
         while True:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope(deadline=self._timer_at) as scope:
                 self._timer_scope = scope
-                self._reschedule()
                 await trio.sleep_forever()
             self._timer_scope = None
+            self._timer_at = math.inf
             now = self._clock.now()
             self._session.handle_timeout(now)
             self._agent.handle_timeout(now)
+            for waiter in self._deadlines.pop_due(now):
+                assert isinstance(waiter, _Waiter)
+                waiter.finish(SendTimeout(waiter.peer, waiter.timeout))
+                window = self._window_scopes.pop(waiter, None)
+                if window is not None:
+                    window.cancel()
+            self._watch_writes()
             self._after_agent()
+            self._arm(min(self._session.next_deadline(), self._deadlines.next()))
+
+    def _watch_writes(self) -> None:
+        """Drop the connections whose write has not completed within _WRITE_TIMEOUT (the
+        peer takes nothing): a watchdog, not a cancel scope per write."""
+        now = trio.current_time()
+        for conn, started in list(self._writes.items()):
+            if now < started + _WRITE_TIMEOUT:
+                # Writes are filed in the order they started: the rest are younger.
+                self._timer_at = min(self._timer_at, started + _WRITE_TIMEOUT)
+                break
+            del self._writes[conn]
+            self._log.warning("write-timeout", "event=write-timeout conn=%d", conn)
+            connection = self._connection_scopes.get(conn)
+            if connection is not None:
+                connection.cancel()
 
     # ------------------------------------------------------------------ connections
 
@@ -448,10 +508,13 @@ class Node:
     async def _run_connection(self, conn: int, stream: trio.abc.Stream) -> None:
         try:
             async with stream, trio.open_nursery() as nursery:
+                self._connection_scopes[conn] = nursery.cancel_scope
                 nursery.start_soon(self._reader, conn, stream)
                 await self._writer(conn, stream)
                 nursery.cancel_scope.cancel()
         finally:
+            self._connection_scopes.pop(conn, None)
+            self._writes.pop(conn, None)
             self._writers.pop(conn, None)
             self._streams.pop(conn, None)
             self._session.connection_lost(conn, self._clock.now())
@@ -484,14 +547,19 @@ class Node:
         while True:
             data = session.data_to_send(conn, self._clock.now())
             if data:
+                writes = self._writes
+                started = trio.current_time()
+                if not writes:
+                    self._timer_at = min(self._timer_at, started + _WRITE_TIMEOUT)
+                    if self._timer_scope is not None:
+                        self._timer_scope.deadline = self._timer_at
+                writes[conn] = started
                 try:
-                    with trio.move_on_after(_WRITE_TIMEOUT) as timeout:
-                        await stream.send_all(data)
+                    await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
-                if timeout.cancelled_caught:
-                    self._log.warning("write-timeout", "event=write-timeout conn=%d", conn)
-                    return
+                finally:
+                    writes.pop(conn, None)
             if session.is_finished(conn):
                 return
             if not data:
