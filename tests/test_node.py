@@ -264,7 +264,7 @@ async def test_a_cancelled_send_leaves_nothing_behind(
         address = a._agent.members.pop("vm-b")
         with trio.move_on_after(1):
             await a.send("vm-b", "cancelled caller", timeout=30)
-        assert not a._waiters and not a._deadlines  # no waiter, no deadline left
+        assert not a._waiters and not a._send_deadlines  # no waiter, no deadline left
         a._agent.members["vm-b"] = address
         with trio.fail_after(120):
             assert (await b.receive()).body == "cancelled caller"  # still delivered

@@ -49,7 +49,6 @@ from .core.errors import (
     UnknownPeer,
 )
 from .core.session import Session
-from .core.timers import Timers
 from .keyfile import load_computer_keys
 
 __all__ = ["Node", "open_node"]
@@ -62,20 +61,82 @@ _DIAL_TIMEOUT = 5.0
 
 
 class _Waiter:
-    """A `send()` waiting for its ACK: set when acknowledged, failed or timed out."""
+    """A `send()` waiting for its ACK: finished when acknowledged, failed or timed out.
 
-    __slots__ = ("error", "event", "peer", "timeout")
+    It parks its task directly (trio.lowlevel), cheaper than a trio.Event per message.
+    """
 
-    def __init__(self, peer: str, timeout: float) -> None:
-        self.event = trio.Event()
-        self.error: Exception | None = None
+    __slots__ = ("deadline", "done", "error", "peer", "task", "timeout")
+
+    def __init__(self, peer: str, timeout: float, deadline: float) -> None:
         self.peer = peer
         self.timeout = timeout
+        self.deadline = deadline  # wall time
+        self.done = False
+        self.error: Exception | None = None
+        self.task: trio.lowlevel.Task | None = None
 
     def finish(self, error: Exception | None = None) -> None:
-        if not self.event.is_set():
-            self.error = error
-            self.event.set()
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _SendDeadlines:
+    """The deadlines of the `send()`s that wait, without a cancel scope each: one queue
+    per timeout value, so that each is in deadline order (appended as time goes on)."""
+
+    __slots__ = ("_queues",)
+
+    def __init__(self) -> None:
+        self._queues: dict[float, deque[_Waiter]] = {}
+
+    def __bool__(self) -> bool:
+        return any(not w.done for q in self._queues.values() for w in q)
+
+    def add(self, waiter: _Waiter) -> bool:
+        """File `waiter`; True if it is now the earliest of its queue (arm the timer)."""
+        queue = self._queues.get(waiter.timeout)
+        if queue is None:
+            queue = self._queues[waiter.timeout] = deque()
+        while queue and queue[0].done:
+            queue.popleft()  # acknowledged ones leave from the front, as they go
+        queue.append(waiter)
+        return len(queue) == 1
+
+    def expire(self, now: float) -> list[_Waiter]:
+        due = []
+        for queue in self._queues.values():
+            while queue and (queue[0].done or queue[0].deadline <= now):
+                waiter = queue.popleft()
+                if not waiter.done:
+                    due.append(waiter)
+        return due
+
+    def next(self) -> float:
+        earliest = math.inf
+        for queue in self._queues.values():
+            while queue and queue[0].done:
+                queue.popleft()
+            if queue:
+                earliest = min(earliest, queue[0].deadline)
+        return earliest
 
 
 class _Wakeup:
@@ -115,7 +176,7 @@ class Node:
         self._inbox_space = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf  # trio time the timer task sleeps until
-        self._deadlines = Timers()  # send() deadlines, by waiter
+        self._send_deadlines = _SendDeadlines()
         self._window_scopes: dict[_Waiter, trio.CancelScope] = {}
         self._writes: dict[int, float] = {}  # connection -> trio time its write started
         self._connection_scopes: dict[int, trio.CancelScope] = {}
@@ -189,22 +250,29 @@ class Node:
         send_timeout; the message stays queued) or SendFailedError (the peer left).
         """
         limit = self.config.send_timeout if timeout is None else timeout
+        session = self._session
         now = self._clock.now()
-        waiter = _Waiter(peer, limit)
+        waiter = _Waiter(peer, limit, now + limit)
         # The deadline is the timer task's business (no cancel scope per message): it
         # finishes the waiter with SendTimeout; the message stays queued.
-        self._deadlines.set(waiter, now + limit)
-        self._arm(now + limit)
+        if self._send_deadlines.add(waiter):
+            self._arm(waiter.deadline)
         handle: int | None = None
         try:
-            if not self._session.window_open(peer):
+            if not session.window_open(peer):
                 await self._wait_for_window(peer, waiter)
-            handle = self._session.send(peer, body, self._clock.now())
+            handle = session.send(peer, body, now)
             self._waiters[handle] = waiter
-            self._after()
-            await waiter.event.wait()
+            if session.has_events():
+                self._after()
+            else:  # the common case: only a writer to wake
+                for conn in session.ready_connections():
+                    writer = self._writers.get(conn)
+                    if writer is not None:
+                        writer.set()
+            await waiter.wait()
         finally:
-            self._deadlines.cancel(waiter)
+            waiter.done = True  # whatever ended it: its deadline is moot
             if handle is not None:
                 self._waiters.pop(handle, None)
         if waiter.error is not None:
@@ -213,7 +281,7 @@ class Node:
     async def _wait_for_window(self, peer: str, waiter: _Waiter) -> None:
         """Backpressure: until the peer's send window has room (or the send times out)."""
         while not self._session.window_open(peer):
-            if waiter.event.is_set():
+            if waiter.done:
                 assert waiter.error is not None
                 raise waiter.error
             window = self._window_waiters.setdefault(peer, trio.Event())
@@ -423,15 +491,14 @@ class Node:
             now = self._clock.now()
             self._session.handle_timeout(now)
             self._agent.handle_timeout(now)
-            for waiter in self._deadlines.pop_due(now):
-                assert isinstance(waiter, _Waiter)
+            for waiter in self._send_deadlines.expire(now):
                 waiter.finish(SendTimeout(waiter.peer, waiter.timeout))
                 window = self._window_scopes.pop(waiter, None)
                 if window is not None:
                     window.cancel()
             self._watch_writes()
             self._after_agent()
-            self._arm(min(self._session.next_deadline(), self._deadlines.next()))
+            self._arm(min(self._session.next_deadline(), self._send_deadlines.next()))
 
     def _watch_writes(self) -> None:
         """Drop the connections whose write has not completed within _WRITE_TIMEOUT (the

@@ -514,6 +514,9 @@ class Session:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def has_events(self) -> bool:
+        return bool(self._events)
+
     def _peer(self, peer_id: str) -> _Peer:
         peer = self._peers.get(peer_id)
         if peer is None:
