@@ -47,6 +47,7 @@ from .core.errors import (
     SendTimeout,
     TvdnetError,
     UnknownPeer,
+    WindowFull,
 )
 from .core.session import Session
 from .keyfile import load_computer_keys
@@ -259,9 +260,11 @@ class Node:
             self._arm(waiter.deadline)
         handle: int | None = None
         try:
-            if not session.window_open(peer):
+            try:
+                handle = session.send(peer, body, now)
+            except WindowFull:
                 await self._wait_for_window(peer, waiter)
-            handle = session.send(peer, body, now)
+                handle = session.send(peer, body, self._clock.now())
             self._waiters[handle] = waiter
             if session.has_events():
                 self._after()
