@@ -107,6 +107,11 @@ async def attack(node: tvdnet.Node, plan: dict[str, Any]) -> None:
     stolen = bytes(key_state.open_key())
     while node.period is None or node.period <= stolen_period:
         await trio.sleep(0.2)
+    # SPEC §4 revision 2: a key stays usable on connections of its pair for a short overlap
+    # after its period (at most the allowance), and a victim whose clock is a little behind
+    # still counts the stolen period as current. Strike once both are surely over.
+    schedule = node._agent.schedule
+    await node._clock.sleep_until(schedule.end(stolen_period) + node.config.skew_allowance + 2.0)
     # An emulated guest can be slow enough for the victim's handshake timeout: try again.
     for _ in range(3):
         reply = await _forge(node, plan, victim, stolen, stolen_period)

@@ -2,11 +2,15 @@
 
 The guest side (the paper's "computer"). Public API:
 
-- `tvdnet.scheme`: the key-insulated scheme (G, U*, U) and the period schedule.
-- `tvdnet.channel`: the bridge <-> node key-channel messages (SPEC §5).
+- `tvdnet.core`: the sans-I/O core (no trio, no sockets, no clock): `core.scheme` (G,
+  U*, U, the schedule, a node's keys per pair), `core.channel` (the key-channel messages,
+  SPEC §5), `core.session` (the peer protocol, SPEC §4), ...; `tvdnet.scheme` and
+  `tvdnet.channel` name the first two.
+- `tvdnet.control`: the owner-only control socket of a node and of a bridge.
 - `tvdnet.keyfile`: the computer-key file of a VM (SPEC §6).
 - `open_node(NodeConfig)`: a running node (`send`, `broadcast`, `receive`, `async for`).
 - `Session` and its events: the sans-I/O peer protocol (SPEC §4).
+- Every error: a `TvdnetError` (`tvdnet.core.errors`).
 """
 
 from . import keyfile

@@ -31,7 +31,7 @@ from . import (
 )
 from .agent import KeyAgent
 from .errors import TvdnetError
-from .scheme import ComputerKeys, DeviceKeys, Pair, PeriodKey, Schedule
+from .scheme import ComputerKeys, DeviceKeys, Pair, PairKeys, PeriodKey, Schedule
 from .session import Session
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "DeviceKeys",
     "KeyAgent",
     "Pair",
+    "PairKeys",
     "PeriodKey",
     "Schedule",
     "Session",
