@@ -67,11 +67,11 @@ from device_bridge import (
     read_update_from_iso,
 )
 from tvdnet import WallClock
-from tvdnet._keychannel import run_key_channel
 from tvdnet.config import KeyChannelSpec
 from tvdnet.core.agent import KeyAgent, KeysUpdated
 from tvdnet.core.scheme import Schedule, generate
 from tvdnet.core.session import Session
+from tvdnet.keychannel import run_key_channel
 from tvdnet_tools.local import free_port
 
 APPROACHES = {

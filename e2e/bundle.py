@@ -35,7 +35,7 @@ TRACE = [
     "trio", "msgpack", "serial",
     "cryptography.hazmat.primitives.ciphers.aead", "cryptography.hazmat.primitives.kdf.hkdf",
     "cryptography.hazmat.primitives.hashes", "cryptography.hazmat.primitives.hmac",
-    "pycdlib", "tvdnet", "tvdnet._node", "tvdnet.core.agent", "tvdnet._keychannel",
+    "pycdlib", "tvdnet", "tvdnet._node", "tvdnet.core.agent", "tvdnet.keychannel",
     "tvdnet.ports", "tvdnet.core.frames", "device_bridge", "device_bridge._iso",
 ]  # fmt: skip
 # Third-party top-level names copied whole (their data files and lazy imports included).

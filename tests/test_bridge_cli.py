@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from device_bridge._control import serve_control
 from device_bridge._daemon import open_bridge
 from device_bridge._keystore import Keystore
 from tvdnet.core.scheme import Provisioning, generate
+from tvdnet_tools.local import Stopped, stop_process
 
 TVD = """\
 tvd = "cli-tvd"
@@ -249,12 +249,9 @@ def test_the_real_daemon_serves_a_guest_and_stops_cleanly_on_sigterm(
             assert main(["status", "--control", str(tmp / "ctl" / "control.sock")]) == 0
             assert "vm-a  yes" in capsys.readouterr().out
             guest.close()
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0
+            assert stop_process(process, timeout=60) == Stopped(0, killed=False)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=5)
         log = process.stderr.read() if process.stderr else ""
         if process.stderr:
             process.stderr.close()

@@ -41,7 +41,7 @@ REQUIRED = {
 
 def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
-    command = [sys.executable, "-m", "tvdnet._cli", "loadtest", "--quiet"]
+    command = [sys.executable, "-m", "tvdnet", "loadtest", "--quiet"]
     command += ["--peers", "50", "--duration", "10", "--period", "3", "--rate", "2"]
     command += ["--processes", "2", "--json", str(report_path), "--plot", str(plot_path)]
     result = subprocess.run(

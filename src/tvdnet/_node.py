@@ -9,7 +9,7 @@ and the outside world:
   wakes the writers of connections with output, and moves the timer task's deadline.
 - per connection: a reader (bytes -> `Session.receive_data`) and a writer
   (`Session.data_to_send` -> bytes, with a write timeout), in the node's nursery.
-- the key channel: `_keychannel.run_key_channel` opens it, says hello, and reopens it
+- the key channel: `keychannel.run_key_channel` opens it, says hello, and reopens it
   after EOF, HUP or EIO, once a second at most.
 """
 
@@ -26,7 +26,6 @@ from typing import Any
 import trio
 
 from ._clock import WallClock
-from ._keychannel import run_key_channel
 from ._logs import RateLimitedLog
 from .config import NodeConfig
 from .control import serve_control
@@ -50,6 +49,7 @@ from .core.errors import (
     WindowFull,
 )
 from .core.session import Session
+from .keychannel import run_key_channel
 from .keyfile import load_computer_keys
 
 __all__ = ["Node", "open_node"]

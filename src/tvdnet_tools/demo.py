@@ -264,7 +264,7 @@ class Demo:
                 os.close(v.master)
 
     async def start(self, nursery: trio.Nursery) -> None:
-        command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
+        command = [*console_command("tvdnet-bridge", "device_bridge"), "run"]
         command += ["--config", str(self.local.tvd_file)]
         command += ["--keystore", str(self.local.keystore)]
         command += ["--control", str(self.bridge_control)]
@@ -275,7 +275,7 @@ class Demo:
         ptys = ", ".join(f"{v.id} {v.pty}" for v in self.vms.values())
         self.say(f"bridge started (pid {self.bridge.pid}): key channels on ptys: {ptys}")
         for v in self.vms.values():
-            node = [*console_command("tvdnet", "tvdnet._cli"), "node", "--config", str(v.config)]
+            node = [*console_command("tvdnet", "tvdnet"), "node", "--config", str(v.config)]
             with v.log.open("wb") as log:
                 v.process = await trio.lowlevel.open_process(
                     node, stdout=subprocess.PIPE, stderr=log, pass_fds=(v.master,)

@@ -287,7 +287,7 @@ class Run:
         logs = self.dir / "logs"
         logs.mkdir()
         async with trio.open_nursery() as nursery:
-            command = [*console_command("tvdnet-bridge", "device_bridge._cli"), "run"]
+            command = [*console_command("tvdnet-bridge", "device_bridge"), "run"]
             command += ["--config", str(self.local.tvd_file)]
             command += ["--keystore", str(self.local.keystore)]
             command += ["--control", str(control), "--log-level", self.args.bridge_log_level]

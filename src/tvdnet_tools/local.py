@@ -98,7 +98,7 @@ async def stop_processes(
     return stopped
 
 
-def stop_process(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> Stopped:
+def stop_process(process: subprocess.Popen[Any], *, timeout: float = 30.0) -> Stopped:
     """`stop_processes` for one process started with `subprocess` (code without trio)."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

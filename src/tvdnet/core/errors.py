@@ -46,6 +46,17 @@ class FrameError(TvdnetError):
         self.detail = detail
 
 
+class StreamDecodeError(TvdnetError):
+    """A byte stream that is not concatenated msgpack objects under the size limit;
+    `too_large` tells an oversized object from garbage. Raised by `reader.MsgpackReader`
+    and turned by its users into a FrameError or ChannelError with the reason to send."""
+
+    def __init__(self, too_large: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.too_large = too_large
+        self.detail = detail
+
+
 class ChannelError(TvdnetError):
     """A key-channel message that breaks SPEC §5; `reason` is the error reason to send."""
 

@@ -7,18 +7,13 @@ from typing import Final
 
 import msgpack
 
+from .errors import StreamDecodeError
+
+__all__ = ["UNPACK_ERRORS", "MsgpackReader", "StreamDecodeError"]
+
 # What msgpack raises on bad input: malformed data, invalid UTF-8, deep nesting,
 # unhashable map keys, bad extension payloads.
 UNPACK_ERRORS: Final = (ValueError, TypeError, msgpack.UnpackException)
-
-
-class StreamDecodeError(Exception):
-    """Raised by MsgpackReader; `too_large` tells an oversized object from garbage."""
-
-    def __init__(self, too_large: bool, detail: str) -> None:
-        super().__init__(detail)
-        self.too_large = too_large
-        self.detail = detail
 
 
 class MsgpackReader:
