@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -181,6 +182,8 @@ class Node:
         self._window_scopes: dict[_Waiter, trio.CancelScope] = {}
         self._writes: dict[int, float] = {}  # connection -> trio time its write started
         self._connection_scopes: dict[int, trio.CancelScope] = {}
+        self._fds: dict[int, int] = {}  # a connection's socket, for `_flush`
+        self._leftover: dict[int, bytearray] = {}  # what a direct write left to the writer
         self._agent_wakeup = _Wakeup()
         self._stats: Counter[str] = Counter()
         self._log = RateLimitedLog(logger)
@@ -372,20 +375,46 @@ class Node:
     # ------------------------------------------------------------------ driving the session
 
     def _after(self) -> None:
-        """After any call into the session: dispatch its events and wake who must act."""
+        """After any call into the session: dispatch its events and write what it has."""
         session = self._session
         while (event := session.next_event()) is not None:
             self._dispatch(event)
         for conn in session.ready_connections():
-            writer = self._writers.get(conn)
-            if writer is not None:
-                writer.set()
+            self._flush(conn)
         if self._keys_erased:
             self._keys_erased = False
             self._check_cut_off()
         deadline = session.next_deadline()
         if self._clock.trio_time(deadline) < self._timer_at:
             self._arm(deadline)
+
+    def _flush(self, conn: int) -> None:
+        """Write what the session has for `conn` now, from the task that made it (an ACK
+        after a read, a KEY after a new key, a timer's frame): a non-blocking write that
+        the socket nearly always takes whole, instead of waking the connection's writer
+        task for it. What the socket does not take, and everything while the writer is
+        busy, is the writer's."""
+        writer = self._writers.get(conn)
+        if writer is None:
+            return
+        fd = self._fds.get(conn)
+        if fd is None or conn in self._writes or conn in self._leftover:
+            writer.set()
+            return
+        data = self._session.data_to_send(conn, self._clock.now())
+        if data:
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                written = 0  # the writer's send_all meets the error and ends the connection
+            if written < len(data):
+                self._leftover[conn] = data[written:]
+                writer.set()
+                return
+        if self._session.is_finished(conn):
+            writer.set()  # a CLOSE went out: the writer closes the connection
 
     def _arm(self, deadline: float) -> None:
         """Wake the timer task by `deadline` (wall time): moved only when earlier."""
@@ -571,6 +600,8 @@ class Node:
     def _start_connection(self, conn: int, stream: trio.abc.Stream) -> None:
         assert self._nursery is not None
         self._streams[conn] = stream
+        if isinstance(stream, trio.SocketStream):
+            self._fds[conn] = stream.socket.fileno()
         self._writers[conn] = _Wakeup()
         self._nursery.start_soon(self._run_connection, conn, stream)
         self._after()
@@ -584,6 +615,8 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             self._connection_scopes.pop(conn, None)
+            self._fds.pop(conn, None)
+            self._leftover.pop(conn, None)
             self._writes.pop(conn, None)
             self._writers.pop(conn, None)
             self._streams.pop(conn, None)
@@ -615,7 +648,7 @@ class Node:
         session = self._session
         wakeup = self._writers[conn]
         while True:
-            data = session.data_to_send(conn, self._clock.now())
+            data = self._leftover.pop(conn, None) or session.data_to_send(conn, self._clock.now())
             if data:
                 writes = self._writes
                 started = trio.current_time()
