@@ -1,9 +1,13 @@
 """Messages per second and latency between two tvdnet nodes on loopback, next to
 plaintext msgpack and TLS 1.3 over the same kind of trio TCP stream, in one run.
 
-Every variant does the same thing: `--senders` tasks each send a message and wait for
-its acknowledgement, over and over, for `--seconds`; the receiver acknowledges each
-message. Latency is from the send call to the acknowledgement.
+Every variant does the same thing: some tasks each send a message and wait for its
+acknowledgement, over and over, for `--seconds`; the receiver acknowledges each message.
+Latency is from the send call to the acknowledgement. Three loads:
+
+- `64 in flight` (`--senders`): request/ack with coalescing at work;
+- `1 in flight`: one message at a time, the latency of a lone message;
+- `stream`: 1,024 sends outstanding, a one-way stream as fast as acknowledgements allow.
 
 - tvdnet:    two nodes (`Node.send` returns on the peer's ACK), keys from a bridge loop
              over socketpairs, real clock. Sealing coalesces what is queued (SPEC §4).
@@ -15,7 +19,8 @@ message. Latency is from the send call to the acknowledgement.
 The machine is shared and noisy: variants run interleaved, `--rounds` times, and the
 table shows the best round of each (the medians are in the JSON).
 
-    python benchmarks/throughput.py [--seconds 3] [--senders 64] [--rounds 3] [--json FILE]
+    python benchmarks/throughput.py [--seconds 3] [--senders 64] [--rounds 3]
+                                    [--json benchmarks/results/throughput.json]
 """
 
 from __future__ import annotations
@@ -243,31 +248,45 @@ async def run_tls(body: bytes, senders: int, seconds: float) -> Result:
 # ------------------------------------------------------------------ main
 
 
-async def measure(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+STREAM_SENDERS = 1024
+
+
+def _loads(args: argparse.Namespace) -> dict[str, int]:
+    return {
+        f"{args.senders} in flight": args.senders,
+        "1 in flight": 1,
+        f"stream ({STREAM_SENDERS:,} in flight)": STREAM_SENDERS,
+    }
+
+
+async def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     variants: dict[str, Callable[[bytes, int, float], Awaitable[Result]]] = {
         "tvdnet": run_tvdnet,
         "plaintext": lambda b, s, d: run_framed(b, s, d, _plain, _plain),
         "tls": run_tls,
     }
-    report: dict[str, dict[str, Any]] = {}
-    for label, size in SIZES.items():
-        body = os.urandom(size)
-        rounds: dict[str, list[Result]] = {name: [] for name in variants}
-        for _ in range(args.rounds):  # interleaved: each variant sees the same weather
-            for name, run in variants.items():
-                rounds[name].append(await run(body, args.senders, args.seconds))
-        row: dict[str, Any] = {}
-        for name, results in rounds.items():
-            best = max(results, key=lambda r: r.per_s)
-            row[name] = {
-                "per_s": best.per_s,
-                "p50_ms": best.p50,
-                "p99_ms": best.p99,
-                "per_s_median": statistics.median(r.per_s for r in results),
-            }
-        row["vs_plaintext"] = row["tvdnet"]["per_s"] / row["plaintext"]["per_s"]
-        row["vs_tls"] = row["tvdnet"]["per_s"] / row["tls"]["per_s"]
-        report[label] = row
+    report: dict[str, dict[str, dict[str, Any]]] = {}
+    for load, senders in _loads(args).items():
+        report[load] = {}
+        for label, size in SIZES.items():
+            body = os.urandom(size)
+            rounds: dict[str, list[Result]] = {name: [] for name in variants}
+            for _ in range(args.rounds):  # interleaved: each variant sees the same weather
+                for name, run in variants.items():
+                    rounds[name].append(await run(body, senders, args.seconds))
+            row: dict[str, Any] = {}
+            for name, results in rounds.items():
+                best = max(results, key=lambda r: r.per_s)
+                row[name] = {
+                    "per_s": best.per_s,
+                    "p50_ms": best.p50,
+                    "p99_ms": best.p99,
+                    "per_s_median": statistics.median(r.per_s for r in results),
+                }
+            row["vs_plaintext"] = row["tvdnet"]["per_s"] / row["plaintext"]["per_s"]
+            row["vs_tls"] = row["tvdnet"]["per_s"] / row["tls"]["per_s"]
+            row["p50_vs_tls"] = row["tvdnet"]["p50_ms"] / row["tls"]["p50_ms"]
+            report[load][label] = row
     return report
 
 
@@ -276,25 +295,36 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement")
     parser.add_argument("--senders", type=int, default=64, help="messages in flight")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    report = trio.run(measure, args)
-    print(
-        f"request/ack over loopback, {args.senders} in flight, best of {args.rounds} "
-        f"rounds of {args.seconds:g} s"
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "throughput.json",
+        help="write the figures here (default: %(default)s)",
     )
-    print(f"{'body':>6} {'variant':>10} {'msg/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-    for label, row in report.items():
-        for name in ("tvdnet", "plaintext", "tls"):
-            r = row[name]
-            figures = f"{r['per_s']:>10,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
-            print(f"{label:>6} {name:>10} {figures}")
-        print(
-            f"{label:>6} {'ratios':>10}  tvdnet/plaintext {row['vs_plaintext']:.2f}"
-            f"  tvdnet/tls {row['vs_tls']:.2f}"
+    args = parser.parse_args()
+    started = datetime.datetime.now(datetime.UTC)
+    report = trio.run(measure, args)
+    print(f"request/ack over loopback, best of {args.rounds} rounds of {args.seconds:g} s")
+    print(f"{'load':>24} {'body':>6} {'variant':>10} {'msg/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for load, rows in report.items():
+        for label, row in rows.items():
+            for name in ("tvdnet", "plaintext", "tls"):
+                r = row[name]
+                figures = f"{r['per_s']:>10,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+                print(f"{load:>24} {label:>6} {name:>10} {figures}")
+            print(
+                f"{load:>24} {label:>6} {'ratios':>10}  tvdnet/plaintext "
+                f"{row['vs_plaintext']:.2f}  tvdnet/tls {row['vs_tls']:.2f}  "
+                f"p50 tvdnet/tls {row['p50_vs_tls']:.2f}"
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"date": started.isoformat(timespec="seconds"), "seconds": args.seconds,
+             "rounds": args.rounds, "loads": report},
+            indent=2,
         )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    )  # fmt: skip
     return 0
 
 

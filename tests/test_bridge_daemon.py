@@ -248,14 +248,14 @@ async def test_each_period_records_its_start_to_the_last_connected_vms_ack(
         records = [r.to_json() for r in bridge.status().key_updates]
         assert records == [
             # Period 1 went out at the bridge's start, 9 s into it, to nobody yet.
-            {"t": 1, "vms": 0, "acked": 0, "pushed_ms": 9000.0, "last_ack_ms": None,
-             "all_acked_ms": 9000.0},
-            {"t": 2, "vms": 3, "acked": 3, "pushed_ms": 0.0, "last_ack_ms": 250.0,
-             "all_acked_ms": 250.0},
-            {"t": 3, "vms": 3, "acked": 2, "pushed_ms": 0.0, "last_ack_ms": 0.0,
-             "all_acked_ms": None},
-            {"t": 4, "vms": 2, "acked": 2, "pushed_ms": 0.0, "last_ack_ms": 0.0,
-             "all_acked_ms": 0.0},
+            {"t": 1, "vms": 0, "acked": 0, "pushed_ms": 9000.0, "written_ms": 9000.0,
+             "last_ack_ms": None, "all_acked_ms": 9000.0},
+            {"t": 2, "vms": 3, "acked": 3, "pushed_ms": 0.0, "written_ms": 0.0,
+             "last_ack_ms": 250.0, "all_acked_ms": 250.0},
+            {"t": 3, "vms": 3, "acked": 2, "pushed_ms": 0.0, "written_ms": 0.0,
+             "last_ack_ms": 0.0, "all_acked_ms": None},
+            {"t": 4, "vms": 2, "acked": 2, "pushed_ms": 0.0, "written_ms": 0.0,
+             "last_ack_ms": 0.0, "all_acked_ms": 0.0},
         ]  # fmt: skip
         assert bridge.status().to_json()["key_updates"] == records
         nursery.cancel_scope.cancel()

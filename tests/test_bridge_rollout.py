@@ -13,6 +13,9 @@ def test_a_period_completes_with_the_last_vm_it_waited_for() -> None:
     (record,) = log.snapshot()
     assert (record.vms, record.acked, record.all_acked_after) == (2, 1, None)
     log.acked("vm-a", 5, 100.5)  # a second ack of the same period changes nothing
+    log.written("vm-a", 5, 100.004)
+    log.written("vm-b", 5, 100.006)  # the last of the two updates written
+    log.written("vm-b", 5, 100.5)  # a re-sent one: not the first write
     log.acked("vm-b", 5, 100.030)
     (record,) = log.snapshot()
     assert record.to_json() == {
@@ -20,6 +23,7 @@ def test_a_period_completes_with_the_last_vm_it_waited_for() -> None:
         "vms": 2,
         "acked": 2,
         "pushed_ms": 2.0,
+        "written_ms": 6.0,
         "last_ack_ms": 30.0,
         "all_acked_ms": 30.0,
     }

@@ -231,7 +231,8 @@ async def test_status_and_reload_over_the_control_socket(
             assert rows["vm-b"]["connected"] is False and rows["vm-b"]["lag"] == 3
             # Period 3 went out at the start, 1 s into it, before any VM was connected.
             assert status["key_updates"] == [
-                {"t": 3, "vms": 0, "acked": 0, "pushed_ms": 1000.0, "last_ack_ms": None,
+                {"t": 3, "vms": 0, "acked": 0, "pushed_ms": 1000.0, "written_ms": 1000.0,
+                 "last_ack_ms": None,
                  "all_acked_ms": 1000.0}
             ]  # fmt: skip
 

@@ -36,6 +36,9 @@ REQUIRED = {
     "rotation_p99_ms",
     "steady_p99_ms",
     "period_changes_s",
+    "bridge_push_ms",
+    "hub_apply_ms",
+    "cpu_ms_per_node_period",
 }
 
 
@@ -67,6 +70,9 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     # Messages sent within 1 s of a change are reported apart (figures, not asserted).
     assert report["rotation_messages"] > 0 and report["rotation_p99_ms"] > 0
     assert report["steady_p99_ms"] > 0
+    assert report["bridge_push_ms"]["max"] >= report["bridge_push_ms"]["p50"] >= 0
+    assert report["hub_apply_ms"]["max"] >= report["hub_apply_ms"]["p50"] > 0
+    assert report["cpu_ms_per_node_period"] > 0
     assert report["peak_rss_mb"].keys() >= {"bridge", "hub", "worker-1", "worker-2"}
     assert report["hub_per_peer_kib"] > 0
     assert report["gc_s"].keys() == {"hub", "worker-1", "worker-2"}

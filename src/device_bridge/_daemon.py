@@ -277,6 +277,7 @@ class Bridge:
             self._clock,
             allow_dev=self._allow_dev,
             on_acked=self._rollouts.acked,
+            on_written=self._rollouts.written,
         )
 
     def _launch(self, running: _Running) -> None:

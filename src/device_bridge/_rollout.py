@@ -35,6 +35,7 @@ class KeyUpdate:
     vms: int  # VMs connected when the update went out: the ones waited for
     acked: int  # how many of those acknowledged it
     pushed_after: float  # when the bridge handed the update to the workers
+    written_after: float | None  # when the last of those VMs' updates was written
     last_ack_after: float | None  # the latest ack among those VMs so far
     all_acked_after: float | None  # the ack that completed the set; None while incomplete
 
@@ -44,6 +45,7 @@ class KeyUpdate:
             "vms": self.vms,
             "acked": self.acked,
             "pushed_ms": _ms(self.pushed_after),
+            "written_ms": _ms(self.written_after),
             "last_ack_ms": _ms(self.last_ack_after),
             "all_acked_ms": _ms(self.all_acked_after),
         }
@@ -52,15 +54,17 @@ class KeyUpdate:
 class Rollout:
     """Period t's update on its way to the VMs connected when it went out."""
 
-    __slots__ = ("_waiting", "all_acked_after", "last_ack_after", "pushed_after", "start", "t",
-                 "vms")  # fmt: skip
+    __slots__ = ("_unwritten", "_waiting", "all_acked_after", "last_ack_after", "pushed_after",
+                 "start", "t", "vms", "written_after")  # fmt: skip
 
     def __init__(self, t: int, start: float, pushed: float, waiting: Iterable[str]) -> None:
         self.t = t
         self.start = start
         self.pushed_after = pushed - start
         self._waiting = set(waiting)
+        self._unwritten = set(self._waiting)
         self.vms = len(self._waiting)
+        self.written_after: float | None = None if self._unwritten else self.pushed_after
         self.last_ack_after: float | None = None
         # Nobody to wait for: complete when it went out.
         self.all_acked_after: float | None = None if self._waiting else self.pushed_after
@@ -76,8 +80,18 @@ class Rollout:
         if not self._waiting:
             self.all_acked_after = self.last_ack_after
 
+    def written(self, vm: str, now: float) -> None:
+        """`vm`'s update was written to its port (the first time)."""
+        if vm in self._unwritten:
+            self._unwritten.discard(vm)
+            if not self._unwritten:
+                self.written_after = now - self.start
+
     def forget(self, vm: str) -> None:
         """A member removed by a reload is no longer waited for."""
+        self._unwritten.discard(vm)
+        if not self._unwritten and self.written_after is None:
+            self.written_after = self.pushed_after
         if vm in self._waiting:
             self._waiting.discard(vm)
             self.vms -= 1
@@ -91,6 +105,7 @@ class Rollout:
             self.vms,
             self.vms - len(self._waiting),
             self.pushed_after,
+            self.written_after,
             self.last_ack_after,
             self.all_acked_after,
         )
@@ -117,6 +132,11 @@ class RolloutLog:
         rollout = self._by_t.get(t)
         if rollout is not None:
             rollout.acked(vm, now)
+
+    def written(self, vm: str, t: int, now: float) -> None:
+        rollout = self._by_t.get(t)
+        if rollout is not None:
+            rollout.written(vm, now)
 
     def forget(self, vm: str) -> None:
         for rollout in self._rollouts:

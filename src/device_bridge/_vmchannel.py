@@ -86,6 +86,8 @@ class VmChannel:
         self._backoff = Backoff(CHANNEL_RESEND_INITIAL, CHANNEL_RESEND_MAX)
         self._reader = channel.ChannelReader()
         self._out = bytearray()
+        self._update_queued: int | None = None  # the period of the update in `_out`
+        self.taken_update: int | None = None  # ... in what `data_to_send` last gave
         self._events: deque[ChannelEvent] = deque()
 
     def __repr__(self) -> str:
@@ -97,6 +99,7 @@ class VmChannel:
         """The port (re)opened: wait for a hello (SPEC §5), forgetting partial input."""
         self._reader.reset()
         self._out.clear()
+        self._update_queued = None
         self.wants_disconnect = False
         self.state = ChannelState.WAIT_HELLO
         self._resend_at = math.inf
@@ -104,6 +107,7 @@ class VmChannel:
     def connection_lost(self, now: float) -> None:
         self._reader.reset()
         self._out.clear()
+        self._update_queued = None
         self.state = ChannelState.DISCONNECTED
         self._resend_at = math.inf
 
@@ -120,9 +124,11 @@ class VmChannel:
 
     def data_to_send(self) -> bytes:
         """Take what is queued for the port. Call it just before writing: what stays
-        queued can still be superseded by a later hello (see `_on_message`)."""
+        queued can still be superseded by a later hello (see `_on_message`).
+        `taken_update` says which period's update it carries, if any."""
         data = bytes(self._out)
         self._out.clear()
+        self.taken_update, self._update_queued = self._update_queued, None
         return data
 
     def output_size(self) -> int:
@@ -192,6 +198,7 @@ class VmChannel:
         if pending.first_sent is None:
             pending.first_sent = now
         self._out += pending.data
+        self._update_queued = pending.t
         self._resend_at = now + self._backoff.delay
 
     def _refuse(self, reason: str, detail: str, *, disconnect: bool) -> None:
@@ -214,6 +221,7 @@ class VmChannel:
                 # before reading our answer (a busy hub retries every 1 s) thus gets
                 # one answer, not one per hello.
                 self._out.clear()
+                self._update_queued = None
                 self._out += channel.encode(self._welcome)
                 # SPEC §5: after every hello, the current update, acknowledged before or not.
                 pending = self._update

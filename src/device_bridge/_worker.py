@@ -127,10 +127,12 @@ class ChannelWorker:
         *,
         allow_dev: bool = False,
         on_acked: OnAcked = _ignore_ack,
+        on_written: OnAcked = _ignore_ack,
     ) -> None:
         self.vm = vm
         self.spec = spec
         self.channel = VmChannel(vm, welcome)
+        self._on_written = on_written
         self._clock = clock
         self._allow_dev = allow_dev
         self._on_acked = on_acked
@@ -376,7 +378,10 @@ class ChannelWorker:
                 self.channel.handle_timeout(now)
                 self._after_channel(now)
             if data := self.channel.data_to_send():
+                t = self.channel.taken_update
                 await self._send(stream, data)
+                if t is not None:
+                    self._on_written(self.vm, t, self._clock.now())
                 self._drained.fire()
             if self.channel.wants_disconnect and not self.channel.output_size():
                 if not resettable:

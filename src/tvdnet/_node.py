@@ -227,6 +227,12 @@ class Node:
         older than what the node holds) acknowledged and ignored; cheap to poll."""
         return self._stats["key_updates"]
 
+    @property
+    def key_apply_ms(self) -> list[float]:
+        """For the last updates (64 at most): milliseconds from an update's arrival on the
+        key channel to its acknowledgement written back, all of U in between."""
+        return [s * 1000 for s in self._agent.apply_seconds]
+
     def unacknowledged(self, peer: str | None = None) -> int:
         """Messages sent to `peer` (to any peer when None) that it has not acknowledged."""
         if peer is not None:

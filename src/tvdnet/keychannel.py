@@ -89,7 +89,7 @@ async def _serve(
         after_agent()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, stream, agent, wakeup)
+                nursery.start_soon(_write, stream, agent, wakeup, clock)
                 reason = await _read(stream, agent, after_agent, clock)
                 nursery.cancel_scope.cancel()
         finally:
@@ -117,17 +117,21 @@ async def _read(
         return f"error ({cause!s})" if cause else "broken"
 
 
-async def _write(stream: trio.abc.Stream, agent: KeyAgent, wakeup: Wakeup) -> None:
+async def _write(
+    stream: trio.abc.Stream, agent: KeyAgent, wakeup: Wakeup, clock: WallClock
+) -> None:
     while True:
         data = agent.data_to_send()
         if not data:
             await wakeup.wait()
             continue
         try:
-            with trio.move_on_after(5):  # a host end that never reads must not block us
+            with trio.move_on_after(5) as scope:  # a host end that never reads must not block us
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return  # the reader sees the same failure and ends this connection
+        if not scope.cancelled_caught:
+            agent.written(clock.now())
 
 
 async def _poll_image(

@@ -422,24 +422,28 @@ class Run:
 
     # ------------------------------------------------------------------ report
 
-    def _key_updates(self) -> tuple[list[float], int]:
+    def _key_updates(self) -> tuple[list[float], int, list[float]]:
         """Period start to the last VM's ack, for the periods that began during traffic;
-        and how many of those periods some VM connected at their start never acked."""
+        how many of those periods some VM connected at their start never acked; and
+        period start to the last of those VMs' updates written (the bridge's push)."""
         status = self.bridge_status
         if not status:
-            return [], 0
+            return [], 0, []
         epoch, period_s = status["epoch"], status["period_s"]
         done: list[float] = []
+        pushed: list[float] = []
         incomplete = 0
         for update in status.get("key_updates", []):
             start = epoch + (update["t"] - 1) * period_s
             if not self.started <= start < self.stopped or update["vms"] == 0:
                 continue
+            if update.get("written_ms") is not None:
+                pushed.append(update["written_ms"])
             if update["all_acked_ms"] is None:
                 incomplete += 1
             else:
                 done.append(update["all_acked_ms"])
-        return done, incomplete
+        return done, incomplete, pushed
 
     def report(self) -> dict[str, Any]:
         sent: Counter[str] = Counter()
@@ -467,7 +471,10 @@ class Run:
         in_window = [ms for at, ms in timed if 0 <= at < duration]
         hub = self.finals[0]
         hub_latencies = [ms for at, ms in hub["latencies"] if at >= self.mono_started]
-        key_ms, incomplete = self._key_updates()
+        key_ms, incomplete, push_ms = self._key_updates()
+        # The hub's own updates (1,200 partial keys each), arrival to ack written, for the
+        # periods of the traffic window (the first one, at start-up, left out).
+        hub_apply = hub.get("key_apply_ms", [])[-len(key_ms) :] if key_ms else []
         period = self.args.period
         rotations = sum(
             1
@@ -527,6 +534,24 @@ class Run:
                 "missing": self.bridge_status_error,  # why there are no figures, if so
             },
             "key_updates": self.bridge_status.get("key_updates", []),
+            # Issue 17: the bridge's push (period start -> the last update written, every
+            # VM), the hub's apply (its update's arrival -> its ack written), and the
+            # fleet's last ack (key_update_ms). Two cores run every node here: the fleet
+            # figure is a bound of the simulation, read it beside cpu_ms_per_node_period.
+            "bridge_push_ms": {
+                "p50": _percentile(push_ms, 0.5),
+                "max": max(push_ms, default=math.nan),
+            },
+            "hub_apply_ms": {
+                "p50": _percentile(hub_apply, 0.5),
+                "max": max(hub_apply, default=math.nan),
+            },
+            "cpu_ms_per_node_period": round(
+                1000
+                * sum(final["cpu_s"] for final in self.finals)
+                / (len(self.members) * max(1.0, duration / period)),
+                3,
+            ),
             # Updates the bridge sent again because no ack came within 1 s, backing off
             # (SPEC §5): on a machine too slow to ack in time, each is extra work both ends.
             "key_channel_resends": sum(vm["resends"] for vm in self.bridge_status.get("vms", [])),
@@ -658,6 +683,10 @@ def print_report(report: dict[str, Any]) -> None:
          f"{hub['p50']:.1f} / {hub['p99']:.1f} / {hub['p999']:.1f}"),
         ("p99 ms within 1 s of a period change / steady",
          f"{report['rotation_p99_ms']:.1f} / {report['steady_p99_ms']:.1f}"),
+        ("bridge push / hub apply ms (p50, max)",
+         f"{report['bridge_push_ms']['p50']:.1f}, {report['bridge_push_ms']['max']:.1f} / "
+         f"{report['hub_apply_ms']['p50']:.1f}, {report['hub_apply_ms']['max']:.1f}"),
+        ("CPU ms per node per period", f"{report['cpu_ms_per_node_period']:.2f}"),
         ("key update p50 / max ms", f"{keys['p50']:.1f} / {keys['max']:.1f}"),
         ("key updates measured / incomplete", f"{keys['periods']} / {keys['incomplete']}"),
         *([("bridge status missing", keys["missing"])] if keys.get("missing") else []),

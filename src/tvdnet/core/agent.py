@@ -99,6 +99,8 @@ class KeyAgent:
         self._events: deque[AgentEvent] = deque()
         self._hello_at = math.inf
         self._held_image: channel.Update | None = None
+        self._ack_since: float | None = None  # when the update now acknowledged arrived
+        self.apply_seconds: deque[float] = deque(maxlen=64)  # update arrived -> ack written
 
     def __repr__(self) -> str:
         return f"<KeyAgent vm={self.session.me!r} state={self.state.value}>"
@@ -137,6 +139,13 @@ class KeyAgent:
         data = bytes(self._out)
         self._out.clear()
         return data
+
+    def written(self, now: float) -> None:
+        """The driver wrote what `data_to_send` gave it: an ack in it closes the timing of
+        its update (arrival to ack written, `apply_seconds`)."""
+        if self._ack_since is not None:
+            self.apply_seconds.append(now - self._ack_since)
+            self._ack_since = None
 
     def output_size(self) -> int:
         """Bytes queued for the bridge and not yet taken by `data_to_send`."""
@@ -277,4 +286,5 @@ class KeyAgent:
         self.last_update = max(self.last_update, update.t)
         if ack:
             self._out += channel.encode(channel.Ack(update.t, applied, tuple(missing)))
+            self._ack_since = now
         self._events.append(KeysUpdated(update.t, applied, missing))
