@@ -1,14 +1,20 @@
-"""The trio node: a key agent, a listener and one pair of tasks per connection.
+"""The trio node: a key agent, a listener, a timer, a flusher and one task per connection.
 
 All protocol decisions are made by the sans-I/O `Session` (peers, SPEC §4) and
 `KeyAgent` (key channel, SPEC §5). This module only moves bytes and time between them
 and the outside world:
 
 - `_after()` runs after every call into the session: it hands events on (messages to
-  the inbox, acknowledgements to waiting `send()`s, dial requests to dial tasks),
-  wakes the writers of connections with output, and moves the timer task's deadline.
-- per connection: a reader (bytes -> `Session.receive_data`) and a writer
-  (`Session.data_to_send` -> bytes, with a write timeout), in the node's nursery.
+  the inbox, acknowledgements to waiting `send()`s, dial requests to dial tasks), writes
+  what the session has for each connection at once (`_flush`: one non-blocking write),
+  and moves the timer task's deadline when something earlier comes.
+- `send()` only marks its connection for the flusher task, so that the messages sent
+  meanwhile go out together in one frame.
+- per connection: one task that reads (bytes -> `Session.receive_data`); a drain task
+  only while a socket does not take what is written; the timer's watchdog drops a
+  connection whose peer takes nothing.
+- the timer task: the session's and the agent's deadlines, `send()` timeouts, the write
+  watchdog.
 - the key channel: `keychannel.run_key_channel` opens it, says hello, and reopens it
   after EOF, HUP or EIO, once a second at most.
 """
@@ -142,7 +148,7 @@ class _SendDeadlines:
 
 
 class _Wakeup:
-    """A level-triggered wake-up for one writer task."""
+    """A level-triggered wake-up for one task."""
 
     __slots__ = ("_event",)
 
@@ -169,7 +175,10 @@ class Node:
         self._agent = agent
         self._clock = clock
         self._nursery: trio.Nursery | None = None
-        self._writers: dict[int, _Wakeup] = {}
+        self._dirty: set[int] = set()  # connections send() has queued messages on
+        self._flusher = _Wakeup()
+        self._draining: set[int] = set()  # connections whose drain task is writing
+        self._ending: set[int] = set()  # ended before their task started
         self._streams: dict[int, trio.abc.Stream] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._window_waiters: dict[str, trio.Event] = {}
@@ -183,7 +192,7 @@ class Node:
         self._writes: dict[int, float] = {}  # connection -> trio time its write started
         self._connection_scopes: dict[int, trio.CancelScope] = {}
         self._fds: dict[int, int] = {}  # a connection's socket, for `_flush`
-        self._leftover: dict[int, bytearray] = {}  # what a direct write left to the writer
+        self._leftover: dict[int, bytearray] = {}  # what a direct write left to a drain
         self._agent_wakeup = _Wakeup()
         self._stats: Counter[str] = Counter()
         self._log = RateLimitedLog(logger)
@@ -277,11 +286,9 @@ class Node:
             self._waiters[handle] = waiter
             if session.has_events():
                 self._after()
-            else:  # the common case: only a writer to wake
-                for conn in session.ready_connections():
-                    writer = self._writers.get(conn)
-                    if writer is not None:
-                        writer.set()
+            else:  # the common case: the flusher writes it, with whatever else is queued
+                self._dirty.update(session.ready_connections())
+                self._flusher.set()
             await waiter.wait()
         finally:
             waiter.done = True  # whatever ended it: its deadline is moot
@@ -396,31 +403,84 @@ class Node:
 
     def _flush(self, conn: int) -> None:
         """Write what the session has for `conn` now, from the task that made it (an ACK
-        after a read, a KEY after a new key, a timer's frame): a non-blocking write that
-        the socket nearly always takes whole, instead of waking the connection's writer
-        task for it. What the socket does not take, and everything while the writer is
-        busy, is the writer's."""
-        writer = self._writers.get(conn)
-        if writer is None:
-            return
-        fd = self._fds.get(conn)
-        if fd is None or conn in self._writes or conn in self._leftover:
-            writer.set()
-            return
+        after a read, KEY after a new key, a timer's frame, the flusher's batch): one
+        non-blocking write that the socket nearly always takes whole. What it does not
+        take goes to a drain task, which waits until the socket takes it; a connection the
+        session has finished with is ended."""
+        if conn not in self._streams or conn in self._draining:
+            return  # gone, or its drain task takes what comes next
         data = self._session.data_to_send(conn, self._clock.now())
         if data:
-            try:
-                written = os.write(fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                written = 0  # the writer's send_all meets the error and ends the connection
+            fd = self._fds.get(conn)
+            written = 0
+            if fd is not None:
+                try:
+                    written = os.write(fd, data)
+                except OSError:  # EAGAIN, or broken: the drain's send_all tells which
+                    written = 0
             if written < len(data):
-                self._leftover[conn] = data[written:]
-                writer.set()
+                self._drain_soon(conn, data[written:])
                 return
         if self._session.is_finished(conn):
-            writer.set()  # a CLOSE went out: the writer closes the connection
+            self._end(conn)
+
+    def _drain_soon(self, conn: int, data: bytearray) -> None:
+        assert self._nursery is not None
+        self._draining.add(conn)
+        self._leftover[conn] = data
+        self._nursery.start_soon(self._drain, conn)
+
+    async def _drain(self, conn: int) -> None:
+        """Write what a connection's socket did not take at once, and what comes after
+        it meanwhile, then leave writing to `_flush` again. The write watchdog
+        (`_watch_writes`) ends a connection whose peer takes nothing."""
+        session = self._session
+        try:
+            while (stream := self._streams.get(conn)) is not None:
+                data = self._leftover.pop(conn, None) or session.data_to_send(
+                    conn, self._clock.now()
+                )
+                if not data:
+                    break
+                started = trio.current_time()
+                if not self._writes:
+                    self._arm_trio(started + _WRITE_TIMEOUT)
+                self._writes[conn] = started
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self._end(conn)
+                    return
+                finally:
+                    self._writes.pop(conn, None)
+        finally:
+            self._draining.discard(conn)
+            self._leftover.pop(conn, None)
+        if conn in self._streams and session.is_finished(conn):
+            self._end(conn)
+
+    def _end(self, conn: int) -> None:
+        """Close the connection: its task stops reading and closes the stream."""
+        scope = self._connection_scopes.get(conn)
+        if scope is not None:
+            scope.cancel()
+        else:
+            self._ending.add(conn)  # its task has not started yet
+
+    async def _flush_dirty(self) -> None:
+        """The connections `send()` queued messages on, written once per wake-up: the
+        messages sent meanwhile go out coalesced, a frame for many."""
+        while True:
+            await self._flusher.wait()
+            dirty, self._dirty = self._dirty, set()
+            for conn in dirty:
+                self._flush(conn)
+
+    def _arm_trio(self, when: float) -> None:
+        if when < self._timer_at:
+            self._timer_at = when
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = when
 
     def _arm(self, deadline: float) -> None:
         """Wake the timer task by `deadline` (wall time): moved only when earlier."""
@@ -545,7 +605,7 @@ class Node:
         for conn, started in list(self._writes.items()):
             if now < started + _WRITE_TIMEOUT:
                 # Writes are filed in the order they started: the rest are younger.
-                self._timer_at = min(self._timer_at, started + _WRITE_TIMEOUT)
+                self._arm_trio(started + _WRITE_TIMEOUT)
                 break
             del self._writes[conn]
             self._log.warning("write-timeout", "event=write-timeout conn=%d", conn)
@@ -608,23 +668,25 @@ class Node:
         self._streams[conn] = stream
         if isinstance(stream, trio.SocketStream):
             self._fds[conn] = stream.socket.fileno()
-        self._writers[conn] = _Wakeup()
         self._nursery.start_soon(self._run_connection, conn, stream)
         self._after()
 
     async def _run_connection(self, conn: int, stream: trio.abc.Stream) -> None:
+        """One task per connection: it reads. Writing is `_flush`'s (and a drain task's
+        when the socket is full); ending the connection cancels this task's scope."""
         try:
-            async with stream, trio.open_nursery() as nursery:
-                self._connection_scopes[conn] = nursery.cancel_scope
-                nursery.start_soon(self._reader, conn, stream)
-                await self._writer(conn, stream)
-                nursery.cancel_scope.cancel()
+            async with stream:
+                with trio.CancelScope() as scope:
+                    self._connection_scopes[conn] = scope
+                    if conn in self._ending:
+                        return
+                    await self._reader(conn, stream)
         finally:
             self._connection_scopes.pop(conn, None)
+            self._ending.discard(conn)
             self._fds.pop(conn, None)
             self._leftover.pop(conn, None)
             self._writes.pop(conn, None)
-            self._writers.pop(conn, None)
             self._streams.pop(conn, None)
             self._session.connection_lost(conn, self._clock.now())
             self._after()
@@ -640,39 +702,11 @@ class Node:
                 data = await stream.receive_some(_READ_SIZE)
                 session.receive_data(conn, data, self._clock.now())
                 self._after()
-                if not data:
-                    break
+                if not data or session.is_finished(conn):
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             session.connection_lost(conn, self._clock.now())
             self._after()
-        finally:
-            writer = self._writers.get(conn)
-            if writer is not None:
-                writer.set()
-
-    async def _writer(self, conn: int, stream: trio.abc.Stream) -> None:
-        session = self._session
-        wakeup = self._writers[conn]
-        while True:
-            data = self._leftover.pop(conn, None) or session.data_to_send(conn, self._clock.now())
-            if data:
-                writes = self._writes
-                started = trio.current_time()
-                if not writes:
-                    self._timer_at = min(self._timer_at, started + _WRITE_TIMEOUT)
-                    if self._timer_scope is not None:
-                        self._timer_scope.deadline = self._timer_at
-                writes[conn] = started
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return
-                finally:
-                    writes.pop(conn, None)
-            if session.is_finished(conn):
-                return
-            if not data:
-                await wakeup.wait()
 
 
 def _source_of(stream: trio.SocketStream) -> str:
@@ -706,6 +740,7 @@ async def open_node(
         node._nursery = nursery
         await nursery.start(node._serve)
         nursery.start_soon(node._timers)
+        nursery.start_soon(node._flush_dirty)
         nursery.start_soon(
             run_key_channel,
             config.key_channel,
