@@ -427,3 +427,121 @@ def test_unauthenticated_strings_are_logged_escaped_and_short() -> None:
     (refused,) = [e for e in events(b) if isinstance(e, Refused)]
     assert "\n" not in refused.detail and len(refused.detail) <= 64
     assert refused.detail.startswith("bye\\n2026")
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+def _authenticated_frame(
+    sender: Session, conn_id: int, receiver: Session, t: int, items: list[Any]
+) -> bytes:
+    """A DATA frame from `sender` on its connection `conn_id`, sealed as it would be."""
+    conn = connection(sender, conn_id)
+    key = frames.traffic_key(
+        bytes(sender.key_state(str(conn.peer)).open_key(t)), sender.tvd, sender.me,
+        str(conn.peer), t, conn.local_nonce, conn.peer_nonce, sender.instance,
+        conn.peer_instance,
+    )  # fmt: skip
+    frame = frames.seal_data(frames.new_aead(key), t, conn.send_n, msgpack.packb(items))
+    conn.send_n += 1
+    return frame
+
+
+def test_a_forged_instance_cannot_renumber_or_crash_with_a_huge_ack() -> None:
+    """A holder of SK_1 poses as a new instance of vm-a whose first frame acknowledges
+    2**64-1: it acknowledges nothing, renumbers nothing, and B goes on."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = mid(1)
+    thief = forger(tvd, 1, now)
+    attack = Link(thief, b, now)
+    attack.pump(now)  # HELLOs and first frames: the thief's instance authenticates at B
+    b.send("vm-a", "pending", now)
+    forged = _authenticated_frame(thief, attack.conn_a, b, 1, [[frames.ACK, 2**64 - 1, None]])
+    b.receive_data(attack.conn_b, forged, now)
+    b.data_to_send(attack.conn_b, now)  # no OverflowError: nothing was renumbered
+    assert b.unacknowledged("vm-a") == 1
+    assert b.stats["numberings_resumed"] == 0
+    b.send("vm-a", "later", now)  # sending still works
+
+
+def test_a_forged_ack_during_the_overlap_renumbers_nothing() -> None:
+    """An on-path holder of SK_1 injects ACK 1000 under SK_1 during the overlap, on the
+    pair's open connection: it is a protocol error and nothing else (no stall after)."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = START_2 + 0.2
+    tvd.update_all(2, START_2 + 0.1)
+    forged = _authenticated_frame(a, link.conn_a, b, 1, [[frames.ACK, 1000, None]])
+    for i in range(3):
+        b.send("vm-a", i, now)
+    b.receive_data(link.conn_b, forged, now)
+    link.pump(now)
+    assert [body for _, body in received(a)] == [0, 1, 2]
+    assert b.unacknowledged("vm-a") == 0
+    assert b.stats["numberings_resumed"] == 0
+
+
+def test_a_flood_of_key_items_keeps_no_state_beyond_the_newest() -> None:
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    items: list[Any] = [[frames.KEY, 1 + i % 900, None] for i in range(20_000)]
+    frame = _authenticated_frame(a, link.conn_a, b, 1, items)
+    b.receive_data(link.conn_b, frame, mid(1))
+    conn = connection(b, link.conn_b)
+    assert conn.key_seen == 900 and not hasattr(conn, "__dict__")
+    a.send("vm-b", "still fine", mid(1))
+    link.pump(mid(1))
+    assert received(b) == [(1, "still fine")]
+
+
+def test_a_reject_on_a_strangers_connection_touches_nothing() -> None:
+    """SPEC §4: a stranger's REJECT cannot make the sender re-send its window."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = mid(1)
+    for i in range(50):
+        a.send("vm-b", i, now)
+    in_flight = a.data_to_send(link.conn_a, now)  # sealed, not yet arrived
+    stranger = a.accept(now, "203.0.113.9")
+    a.receive_data(
+        stranger, frames.encode_hello("test-tvd", "vm-b", "vm-a", b"n" * 16, b"stranger"), now
+    )
+    a.data_to_send(stranger, now)
+    for n in range(10):
+        a.receive_data(stranger, frames.encode_reject(1, n, "expired", 1), now)
+    resends = a.stats["resends"]
+    b.receive_data(link.conn_b, in_flight, now)
+    link.pump(now)  # B's ACK is an authenticated frame: after a real REJECT, a re-send
+    assert a.stats["resends"] == resends
+    assert a.unacknowledged("vm-b") == 0
+
+
+def test_an_early_key_without_the_previous_one_dials_when_its_period_starts() -> None:
+    """A node that held no key gets period 2's 1 s early: a message sent then goes out
+    at the start of period 2, not a period later."""
+    tvd = Tvd()
+    a = tvd.session("vm-a")
+    tvd.update("vm-a", 2, START_2 - 1.0)
+    a.send("vm-b", "hello", START_2 - 0.5)
+    assert not [e for e in events(a) if isinstance(e, Dial)]  # no key of period 1
+    assert a.next_deadline() == START_2
+    a.handle_timeout(START_2)
+    assert Dial("vm-b") in events(a)
+
+
+def test_the_older_key_goes_when_its_last_connection_fails_authentication() -> None:
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    tvd.update("vm-a", 2, START_2 + 0.1)
+    older = a.key_state("vm-b").open_key(1)
+    garbage = frames.seal_data(
+        frames.new_aead(bytes(32)), 1, connection(a, link.conn_a).recv_n, b"\x90"
+    )
+    a.receive_data(link.conn_a, garbage, START_2 + 0.3)
+    assert a.stats["auth_failures"] == 1
+    assert older == bytearray(32) and a.key_state("vm-b").older is None
+
+
+def test_a_backslash_from_a_stranger_is_escaped_too() -> None:
+    assert frames.printable("a\\nb\n") == "a\\\\nb\\n"

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from nodes import Harness
 
-from tvdnet import SendTimeout, UnknownPeer
+from tvdnet import KeyErased, SendTimeout, UnknownPeer
 from tvdnet.control import control_request, serve_control
 
 if TYPE_CHECKING:
@@ -311,3 +311,15 @@ async def test_a_write_that_does_not_complete_is_dropped_by_the_watchdog(
             "connected",
             "reconnected",
         ]
+
+
+async def test_an_erasure_reported_for_a_peer_just_removed_is_harmless(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """A `members` message may remove a peer in the same read that erased its key."""
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a = h.nodes["vm-a"]
+        a._dispatch(KeyErased("vm-gone", 1))  # no UnknownPeer escapes into the node
+        await a.send("vm-b", "still here")

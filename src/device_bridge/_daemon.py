@@ -41,12 +41,14 @@ from ._retry import Backoff
 from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
 from ._transports import CdromSwap, development_reason
+from ._watchdog import WriteWatchdog
 from ._worker import CdromWorker, ChannelWorker, VmStatus, Worker
 from .constants import (
     BRIDGE_KEYSTORE_RETRY,
     BRIDGE_KEYSTORE_RETRY_MAX,
     BRIDGE_RECONNECT_MAX,
     BRIDGE_SHUTDOWN_WRITE_TIMEOUT,
+    BRIDGE_WRITE_TIMEOUT,
 )
 from .errors import KeystoreError, ReloadError, TransportRefused
 
@@ -129,6 +131,7 @@ class Bridge:
         self.period: int | None = None  # the period whose updates are out
         self._members: dict[str, tuple[Member, ...]] = {}  # each VM's welcome member list
         self._rollouts = RolloutLog()
+        self._watchdog = WriteWatchdog(BRIDGE_WRITE_TIMEOUT)
         self._keystore_dirty = False
         self._keystore_busy = False
         self._keystore_wake = Signal()
@@ -278,6 +281,7 @@ class Bridge:
             allow_dev=self._allow_dev,
             on_acked=self._rollouts.acked,
             on_written=self._rollouts.written,
+            watchdog=self._watchdog,
         )
 
     def _launch(self, running: _Running) -> None:
@@ -549,6 +553,7 @@ async def open_bridge(
     try:
         async with trio.open_nursery() as nursery:
             bridge._nursery = nursery
+            nursery.start_soon(bridge._watchdog.run, name="write-watchdog")
             for member in config.members:
                 bridge._running[member.id] = _Running(bridge._new_worker(member))
             # The current update is handed to every worker before any port is opened.

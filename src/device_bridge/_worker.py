@@ -50,6 +50,7 @@ from ._transports import (
     unix_socket_problem,
 )
 from ._vmchannel import Acked, NodeSaid, Refused, VmChannel
+from ._watchdog import WriteWatchdog
 from .constants import (
     BRIDGE_CLOSE_TIMEOUT,
     BRIDGE_FEED_PIECE,
@@ -128,11 +129,17 @@ class ChannelWorker:
         allow_dev: bool = False,
         on_acked: OnAcked = _ignore_ack,
         on_written: OnAcked = _ignore_ack,
+        watchdog: WriteWatchdog | None = None,
     ) -> None:
         self.vm = vm
         self.spec = spec
         self.channel = VmChannel(vm, welcome)
         self._on_written = on_written
+        # The bridge's one watchdog for every VM's writes (a private one if run alone,
+        # as by a test; then nothing runs it and writes are unwatched).
+        self._watchdog = watchdog if watchdog is not None else WriteWatchdog(BRIDGE_WRITE_TIMEOUT)
+        self._connection_scope: trio.CancelScope | None = None
+        self._stuck_why: str | None = None
         self._clock = clock
         self._allow_dev = allow_dev
         self._on_acked = on_acked
@@ -326,13 +333,18 @@ class ChannelWorker:
         self.channel.connection_made(now)
         emit(logging.INFO, "connected", vm=self.vm, port=self.spec)
         why = "cancelled"
+        self._stuck_why = None
         try:
             async with trio.open_nursery() as nursery:
+                self._connection_scope = nursery.cancel_scope
                 nursery.start_soon(self._read_loop, stream)
                 nursery.start_soon(self._write_loop, stream, resettable)
         except* _Dropped as group:
             why = group.exceptions[0].why if isinstance(group.exceptions[0], _Dropped) else why
         finally:
+            self._connection_scope = None
+            if self._stuck_why is not None:
+                why = self._stuck_why
             self.connected = False
             self._drained.fire()
             self.channel.connection_lost(self._clock.now())
@@ -392,22 +404,29 @@ class ChannelWorker:
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> None:
         started = time.perf_counter()
-        with trio.move_on_after(BRIDGE_WRITE_TIMEOUT) as timeout:
-            try:
-                await stream.send_all(data)
-            except _BROKEN as exc:
-                raise _Dropped(f"write failed ({type(exc).__name__})") from None
-        if timeout.cancelled_caught:
+        connection = self._connection_scope
+
+        def stuck() -> None:
             self.stuck += 1
+            self._stuck_why = "stuck: a write did not complete in time"
             emit(
                 logging.WARNING,
                 "stuck",
                 vm=self.vm,
                 bytes=len(data),
-                timeout_s=BRIDGE_WRITE_TIMEOUT,
+                timeout_s=self._watchdog.timeout,
                 real_ms=(time.perf_counter() - started) * 1000,
             )
-            raise _Dropped("stuck: a write did not complete in time")
+            if connection is not None:
+                connection.cancel()
+
+        self._watchdog.started(self, stuck)
+        try:
+            await stream.send_all(data)
+        except _BROKEN as exc:
+            raise _Dropped(f"write failed ({type(exc).__name__})") from None
+        finally:
+            self._watchdog.done(self)
 
 
 def _remove_socket(path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ from .core.errors import (
     UnknownPeer,
     WindowFull,
 )
+from .core.frames import printable
 from .core.session import Session
 from .keychannel import run_key_channel
 from .keyfile import load_computer_keys
@@ -520,7 +522,9 @@ class Node:
         elif type(event) is ev.KeyErased:
             # Only the end of a pair's newest key can leave the node without any key; the
             # previous key going at a period change (every pair, every period) cannot.
-            if event.period == self._session.key_state(event.peer).period:
+            if event.peer in self._session.peers and (
+                event.period == self._session.key_state(event.peer).period
+            ):
                 self._keys_erased = True
                 self._last_erased = event.period
         elif type(event) is ev.PeerRestarted:
@@ -568,9 +572,8 @@ class Node:
                     event.detail,
                 )
             elif isinstance(event, BridgeSaid):
-                self._log.warning(
-                    f"bridge:{event.reason}", "event=bridge-error reason=%s", event.reason
-                )
+                reason = printable(event.reason)
+                self._log.warning(f"bridge:{reason}", "event=bridge-error reason=%s", reason)
         if agent.output_size():
             self._agent_wakeup.set()
         self._arm(agent.next_deadline())
@@ -710,11 +713,22 @@ class Node:
 
 
 def _source_of(stream: trio.SocketStream) -> str:
+    """The source address a connection counts against (SPEC §4 strangers): the IPv4
+    address, or the /64 of an IPv6 one (a single host holds a whole /64)."""
     try:
         address = stream.socket.getpeername()
     except OSError:
         return "?"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
+    host = str(address[0]) if isinstance(address, tuple) else str(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @contextlib.asynccontextmanager

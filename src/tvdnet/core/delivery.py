@@ -60,6 +60,7 @@ class Numbering:
         "instance",
         "last_auth",
         "next_seq",
+        "resumed",
     )
 
     def __init__(self, instance: bytes, now: float) -> None:
@@ -69,6 +70,7 @@ class Numbering:
         self.next_seq = 1
         self.highest_sent = 0  # the highest number ever sealed in this numbering
         self.acknowledged_any = False  # whether any ACK acknowledged a copy here
+        self.resumed = False  # made again for an instance whose numbering was evicted
         self.delivered = 0  # receiving: the highest contiguous number delivered from it
         self.last_auth = now  # its last authenticated frame, for eviction
 
@@ -106,10 +108,12 @@ class Numbering:
         return acked
 
     def continue_after(self, number: int, pack_header: Callable[[int], bytes]) -> None:
-        """Nothing was acknowledged here yet, and the peer instance says it has delivered
-        up to `number` of this numbering, more than was ever sent in it (it remembers a
-        numbering this node had to forget): number the copies from number + 1 on, so that
-        they are not taken for duplicates and nothing waits for a number never sent."""
+        """This numbering was made again for a returning instance after its old one was
+        evicted, nothing was acknowledged in it yet, and the instance says (in the first
+        frame of a connection) it has delivered up to `number`: number the copies from
+        number + 1 on, so that they are not taken for duplicates and nothing waits for a
+        number that this node will never send."""
+        assert self.resumed
         assert not self.acknowledged_any
         self.highest_sent = 0
         self.next_seq = number + 1
@@ -185,7 +189,9 @@ class PeerDelivery:
         numbering = self.numberings.get(instance)
         if numbering is None:
             numbering = self.numberings[instance] = Numbering(instance, now)
-            numbering.delivered = self.forgotten.pop(instance, 0)
+            if instance in self.forgotten:
+                numbering.resumed = True
+                numbering.delivered = self.forgotten.pop(instance)
         return numbering
 
     def evict(self, keep: set[bytes], since: float, at_most: int, remember: int) -> list[bytes]:

@@ -209,7 +209,9 @@ def _parse_hello(obj: list[object]) -> Hello:
 def printable(text: str, limit: int = 64) -> str:
     """How a string that arrived unauthenticated may be logged (SPEC §4): control
     characters escaped, at most `limit` characters, so that it cannot forge a log line."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    escaped = "".join(
+        c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text[: limit + 1]
+    )
     return escaped if len(escaped) <= limit else escaped[: limit - 1] + "…"
 
 

@@ -138,7 +138,6 @@ class _Connection:
         self.authenticated_at: float | None = None  # the peer's first DATA frame here
         self.frame_max = 0  # the newest period of an authenticated frame from the peer here
         self.key_seen = 0  # the newest KEY the peer sent here
-        self.shown: set[int] = set()  # periods the peer is known to hold (recent ones)
         self.reader = frames.new_reader()
         self.out = bytearray()
         # Traffic keys as AEAD objects, by period, per direction (SPEC §4: dropped with
@@ -158,15 +157,10 @@ class _Connection:
         return self.authenticated_at is not None
 
     def peer_holds(self, t: int) -> bool:
-        """SPEC §4: the peer is known to hold period t's key (on this connection)."""
-        return t in self.shown
-
-    def show(self, *periods: int, newest: int) -> None:
-        """The peer showed these periods (KEY x shows x and x-1; a frame under x, x);
-        only the ones this node may still seal under (P and P-1) are kept."""
-        self.shown.update(periods)
-        if len(self.shown) > 2:
-            self.shown = {t for t in self.shown if t >= newest - 1}
+        """SPEC §4: the peer is known to hold period t's key (on this connection): its
+        newest KEY here was t or t+1, or its newest authenticated frame here was under t.
+        (Only the newest of each are kept: a hostile peer cannot grow this state.)"""
+        return t == self.key_seen or t + 1 == self.key_seen or t == self.frame_max
 
     def drop_traffic_keys(self, period: int | None = None) -> None:
         if period is None:
@@ -363,7 +357,9 @@ class Session:
         while the older key is still held (from then on fewer connections accept it)."""
         keys = peer.keys
         when = keys.deadline()
-        if keys.older is not None and keys.older.held:
+        if keys.has_key:
+            # At the start of the newest key's period (it may have come early): fewer
+            # connections accept the older key, and a new connection can open now.
             start = self.schedule.start(keys.period)
             if start > now:
                 when = min(when, start)
@@ -475,10 +471,13 @@ class Session:
             body_packed = self._packer.pack(body)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializableBody(f"msgpack cannot encode the body: {exc}") from None
-        size = len(body_packed) + 11  # as packed with the largest [0, seq, ...] header
+        # SPEC §4: the packed [0, seq, body], seq the number it takes in the numbering
+        # that uses the most digits (a copy goes into each).
+        seq = max((n.next_seq for n in delivery.numberings.values()), default=1)
+        size = len(self._msg_header(seq)) + len(body_packed)
         if size > MESSAGE_LIMIT:
             raise MessageTooLarge(
-                f"the packed message is about {size} bytes; the limit is {MESSAGE_LIMIT}"
+                f"the packed message is {size} bytes; the limit is {MESSAGE_LIMIT}"
             )
         message = OutMessage(next(self._handles), body_packed, size)
         delivery.add(message)
@@ -555,7 +554,7 @@ class Session:
             self._events.append(
                 Refused(oldest.id, oldest.peer, "displaced", "not authenticated; at the cap")
             )
-            self._abort(oldest)
+            self._abort(oldest, now)
         conn = self._new_connection(False, None, now, source)
         self._strangers[conn.id] = conn
         return conn.id
@@ -703,14 +702,14 @@ class Session:
         except InvalidTag:
             self.stats["auth_failures"] += 1
             self._events.append(Refused(conn.id, peer.id, _AUTH_FAILURE, f"DATA frame {n}"))
-            self._abort(conn)
+            self._abort(conn, now)
             return
         conn.last_auth_recv = now
+        first = not conn.authenticated
         newer = t > conn.frame_max
         learned = newer and t > conn.key_seen
         if newer:
             conn.frame_max = t  # SPEC §4: older keys stop on this connection here
-        conn.show(t, newest=peer.keys.period)
         if not conn.authenticated:
             conn.authenticated_at = now
             self._on_authenticated(conn, peer, now)
@@ -726,10 +725,10 @@ class Session:
         if newer:
             self._retire_older(peer, now)
         if conn.state is ConnectionState.OPEN:
-            self._on_plaintext(conn, peer, t, plaintext, now)
+            self._on_plaintext(conn, peer, t, plaintext, now, first=first)
 
     def _on_plaintext(
-        self, conn: _Connection, peer: _Peer, t: int, plaintext: bytes, now: float
+        self, conn: _Connection, peer: _Peer, t: int, plaintext: bytes, now: float, *, first: bool
     ) -> None:
         try:
             items = msgpack.unpackb(plaintext, raw=False, strict_map_key=False)
@@ -762,7 +761,7 @@ class Session:
             elif kind == frames.ACK:
                 if seq < 0 or body is not None:
                     raise FrameError(frames.BAD_FRAME, "ACK must be [1, seq >= 0, nil]")
-                self._on_ack(peer, numbering, seq, t, now)
+                self._on_ack(peer, numbering, seq, t, now, first=first)
             elif kind == frames.KEY:
                 if not 1 <= seq <= self.schedule.periods or body is not None:
                     raise FrameError(frames.BAD_FRAME, "KEY must be [2, t in 1..N, nil]")
@@ -771,7 +770,6 @@ class Session:
                     conn.key_wanted = conn.ack_wanted = True
                     self._ready.add(conn.id)
                 conn.key_seen = max(conn.key_seen, seq)
-                conn.show(seq, seq - 1, newest=peer.keys.period)
             # any other kind: an extension this node does not know, ignored (SPEC §4)
         if got_message:
             # SPEC §4: ACK within 100 ms of any MSG, duplicates included; we ACK at once.
@@ -779,16 +777,19 @@ class Session:
             self._ready.add(conn.id)
 
     def _on_ack(
-        self, peer: _Peer, numbering: Numbering, upto: int, period: int, now: float
+        self, peer: _Peer, numbering: Numbering, upto: int, period: int, now: float, *, first: bool
     ) -> None:
-        """An ACK of `upto` in a frame under `period`, in `numbering` (SPEC §4 Delivery)."""
+        """An ACK of `upto` in a frame under `period`, in `numbering` (SPEC §4 Delivery).
+
+        `first`: the frame is the first authenticated one of its connection."""
         if upto == 0:
             return
         if upto > numbering.highest_sent:
-            self.stats["protocol_errors"] += 1  # acknowledges nothing
-            if not numbering.acknowledged_any:
-                # The peer instance remembers a numbering this node had to forget (SPEC §4
-                # keeps only so many): go on from where it is rather than stall.
+            self.stats["protocol_errors"] += 1  # acknowledges nothing (SPEC §4)
+            if first and numbering.resumed and not numbering.acknowledged_any and upto < 1 << 62:
+                # This node had to forget the instance's numbering (SPEC §4 keeps only so
+                # many) and the instance, back, says where it stands: go on from there
+                # rather than stall. Nothing else ever renumbers (a forged ACK cannot).
                 self.stats["numberings_resumed"] += 1
                 numbering.continue_after(upto, self._msg_header)
                 for conn in peer.conns:
@@ -834,12 +835,12 @@ class Session:
             delivery.current = instance
             for other in list(peer.conns):
                 if other is not conn and other.authenticated and other.peer_instance != instance:
-                    self._abort(other)
+                    self._abort(other, now)
         kept = conn
         for other in list(peer.conns):
             if other is not conn and other.authenticated and other.state is ConnectionState.OPEN:
                 kept = self._tie_break(other, conn, now)
-                self._abort(other if kept is conn else conn)
+                self._abort(other if kept is conn else conn, now)
                 break
         self._evict(peer, now)
         if kept is conn:
@@ -880,6 +881,8 @@ class Session:
             raise FrameError(frames.BAD_FRAME, "REJECT before both HELLOs")
         peer = self._peers[cast(str, conn.peer)]
         self.stats["rejects_received"] += 1
+        if not conn.authenticated:
+            return  # a stranger's connection: nothing it says touches the peer's state
         # SPEC §4: unauthenticated, so it only restarts the re-send timer; never an
         # older key, never the KEY+ACK timer of a connection not yet authenticated.
         peer.rejected = True
@@ -1014,12 +1017,15 @@ class Session:
         conn.state = ConnectionState.CLOSING
         self._ready.add(conn.id)
 
-    def _abort(self, conn: _Connection) -> None:
+    def _abort(self, conn: _Connection, now: float) -> None:
         """Close without a CLOSE frame (authentication failure, a replaced connection)."""
         conn.out.clear()
         self._detach(conn, None)
         conn.state = ConnectionState.CLOSING
         self._ready.add(conn.id)
+        peer = self._peers.get(conn.peer) if conn.peer is not None else None
+        if peer is not None:
+            self._retire_older(peer, now)  # it may have been the last to accept it
 
     def _detach(self, conn: _Connection, now: float | None) -> None:
         """Unhook `conn` from its peer; with `now`, dial again if messages still wait."""
@@ -1128,6 +1134,7 @@ class Session:
                 self._ready.add(conn.id)
         self._evict(peer, now)
         self._schedule_key_timer(peer, now)
+        self._maybe_dial(peer, now)
 
     def _maybe_dial(self, peer: _Peer, now: float) -> None:
         """Ask for a connection when messages wait, no authenticated connection exists,
