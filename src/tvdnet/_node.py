@@ -58,7 +58,7 @@ from .core.errors import (
 )
 from .core.frames import printable
 from .core.session import Session
-from .keychannel import run_key_channel
+from .keychannel import KeyChannelOutput, run_key_channel
 from .keyfile import load_computer_keys
 
 __all__ = ["Node", "open_node"]
@@ -196,6 +196,7 @@ class Node:
         self._fds: dict[int, int] = {}  # a connection's socket, for `_flush`
         self._leftover: dict[int, bytearray] = {}  # what a direct write left to a drain
         self._agent_wakeup = _Wakeup()
+        self._key_output = KeyChannelOutput(agent, clock, self._agent_wakeup)
         self._stats: Counter[str] = Counter()
         self._log = RateLimitedLog(logger)
         self._cut_off = False
@@ -575,7 +576,7 @@ class Node:
                 reason = printable(event.reason)
                 self._log.warning(f"bridge:{reason}", "event=bridge-error reason=%s", reason)
         if agent.output_size():
-            self._agent_wakeup.set()
+            self._key_output.flush()
         self._arm(agent.next_deadline())
         self._after()
 
@@ -762,6 +763,7 @@ async def open_node(
             node._after_agent,
             node._agent_wakeup,
             node._clock,
+            node._key_output,
         )
         if config.control_socket is not None:
             await nursery.start(

@@ -32,6 +32,48 @@ class Wakeup(Protocol):
     async def wait(self) -> None: ...
 
 
+class KeyChannelOutput:
+    """What the agent has for the bridge, written at once by whoever made it (an ack
+    right after its update was applied) when the channel's descriptor takes it whole;
+    the rest, and everything while a write is under way, by the channel's writer task."""
+
+    def __init__(self, agent: KeyAgent, clock: WallClock, wakeup: Wakeup) -> None:
+        self._agent = agent
+        self._clock = clock
+        self._wakeup = wakeup
+        self._fd: int | None = None
+        self.leftover = b""
+        self.busy = False  # the writer task is writing
+
+    def attach(self, stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SocketStream):
+            self._fd = stream.socket.fileno()
+        elif isinstance(stream, trio.lowlevel.FdStream):
+            self._fd = stream.fileno()
+
+    def detach(self) -> None:
+        self._fd = None
+        self.leftover = b""
+
+    def flush(self) -> None:
+        agent = self._agent
+        if not agent.output_size():
+            return
+        if self._fd is None or self.busy or self.leftover:
+            self._wakeup.set()
+            return
+        data = agent.data_to_send()
+        try:
+            written = os.write(self._fd, data)
+        except OSError:  # EAGAIN, or broken: the writer's send_all tells which
+            written = 0
+        if written < len(data):
+            self.leftover = data[written:]
+            self._wakeup.set()
+        else:
+            agent.written(self._clock.now())
+
+
 async def _open(spec: KeyChannelSpec) -> trio.abc.Stream:
     if spec.kind == "virtio":
         return open_char_device(find_virtio_port(spec.target))
@@ -51,8 +93,13 @@ async def run_key_channel(
     after_agent: Callable[[], None],
     wakeup: Wakeup,
     clock: WallClock,
+    output: KeyChannelOutput | None = None,
 ) -> None:
-    """Serve the key channel for as long as the node runs."""
+    """Serve the key channel for as long as the node runs. `after_agent` is called after
+    every call into the agent; it writes what the agent has through `output` (or wakes
+    `wakeup`, which the writer task waits on)."""
+    if output is None:
+        output = KeyChannelOutput(agent, clock, wakeup)
     log = RateLimitedLog(logger)
     if spec.kind == "image":
         await _poll_image(spec.target, agent, after_agent, clock, log)
@@ -60,7 +107,7 @@ async def run_key_channel(
     # An inherited descriptor cannot be reopened: keep it, and retry on it after errors.
     persistent = trio.lowlevel.FdStream(int(spec.target)) if spec.kind == "fd" else None
     try:
-        await _serve(spec, persistent, agent, after_agent, wakeup, clock, log)
+        await _serve(spec, persistent, agent, after_agent, wakeup, clock, log, output)
     finally:
         if persistent is not None:
             await persistent.aclose()
@@ -74,6 +121,7 @@ async def _serve(
     wakeup: Wakeup,
     clock: WallClock,
     log: RateLimitedLog,
+    output: KeyChannelOutput,
 ) -> None:
     while True:
         if persistent is not None:
@@ -85,14 +133,16 @@ async def _serve(
                 log.warning("open", "event=key-channel-unavailable channel=%s error=%s", spec, exc)
                 await trio.sleep(CHANNEL_HELLO_RETRY)
                 continue
+        output.attach(stream)
         agent.connection_made(clock.now())
         after_agent()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, stream, agent, wakeup, clock)
+                nursery.start_soon(_write, stream, agent, wakeup, clock, output)
                 reason = await _read(stream, agent, after_agent, clock)
                 nursery.cancel_scope.cancel()
         finally:
+            output.detach()
             agent.connection_lost(clock.now())
             after_agent()
             if persistent is None:
@@ -118,18 +168,26 @@ async def _read(
 
 
 async def _write(
-    stream: trio.abc.Stream, agent: KeyAgent, wakeup: Wakeup, clock: WallClock
+    stream: trio.abc.Stream,
+    agent: KeyAgent,
+    wakeup: Wakeup,
+    clock: WallClock,
+    output: KeyChannelOutput,
 ) -> None:
     while True:
-        data = agent.data_to_send()
+        data = output.leftover or agent.data_to_send()
+        output.leftover = b""
         if not data:
             await wakeup.wait()
             continue
+        output.busy = True
         try:
             with trio.move_on_after(5) as scope:  # a host end that never reads must not block us
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return  # the reader sees the same failure and ends this connection
+        finally:
+            output.busy = False
         if not scope.cancelled_caught:
             agent.written(clock.now())
 
