@@ -220,6 +220,27 @@ async def test_an_unacknowledged_update_is_resent_with_backoff_until_its_period_
             nursery.cancel_scope.cancel()
 
 
+async def test_an_update_written_at_once_is_still_resent_when_not_acknowledged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The period start's update goes straight to the port's descriptor (no writer task
+    # step); its re-send deadline must still wake the writer, which sat idle with none.
+    provisioning = generate("test-tvd", IDS)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(2) - 0.5)
+    async with open_bridge(config, provisioning.for_bridge(1), clock=clock) as bridge:
+        guest = FakeGuest("vm-a", await ports["vm-a"].connect(), clock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest.run)
+            await guest.hello()
+            await bridge.wait_acked("vm-a", 1)  # nothing pending: the writer waits for ever
+            guest.ack = False
+            await trio.sleep_until(clock.trio_time(start_of(2) + 7.5))
+            sent = [(r.message.t, round(r.at - start_of(2), 6)) for r in guest.updates()]
+            assert sent == [(1, -0.5), (2, 0.0), (2, 1.0), (2, 3.0), (2, 7.0)]
+            nursery.cancel_scope.cancel()
+
+
 async def test_each_period_records_its_start_to_the_last_connected_vms_ack(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -203,6 +203,7 @@ class ChannelWorker:
         if t is not None:
             self._on_written(self.vm, t, now)
         self._drained.fire()
+        self._move_writer_wait()  # the update's re-send is due at a new time
         return True
 
     def drop_update(self) -> None:
@@ -236,9 +237,14 @@ class ChannelWorker:
             self._on_event(event, now)
         if self.channel.output_size() or self.channel.wants_disconnect:
             self._wake.fire()
-        elif (waiting := self._writer_wait) is not None:
-            # Nothing to write, but the next deadline may have moved (an ack cancels the
-            # re-send): move the idle writer's wake-up instead of waking it to look.
+        else:
+            self._move_writer_wait()
+
+    def _move_writer_wait(self) -> None:
+        """Nothing to write, but the next deadline may have moved (an ack cancels the
+        re-send, a new update sets one): move the idle writer's wake-up instead of waking
+        it to look."""
+        if (waiting := self._writer_wait) is not None:
             waiting.deadline = self._clock.trio_time(self.channel.next_deadline())
 
     def _on_event(self, event: Acked | NodeSaid | Refused, now: float) -> None:
