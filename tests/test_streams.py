@@ -1,91 +1,93 @@
-"""Key-channel stand-ins: a pty through pyserial must carry binary msgpack intact."""
+"""tvdnet.streams: one task step per read that finds data, the same bytes as the stream's
+own receive_some, and end of stream as b""."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import socket
 
-import pytest
 import trio
+import trio.testing
 
-from tvdnet.ports import find_virtio_port, open_char_device, open_serial
-
-BINARY = bytes(range(256)) * 8  # CR, LF, ^C, ^D, ^S, DEL...: what a cooked tty would eat
-
-
-async def _read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    got = bytearray()
-    with trio.fail_after(5):
-        while len(got) < size:
-            got += await stream.receive_some(size - len(got))
-    return bytes(got)
+from tvdnet.streams import fileno_of, receive_some
 
 
-async def test_a_pty_opened_through_pyserial_is_raw_both_ways() -> None:
-    master, slave = os.openpty()
-    try:
-        guest = open_serial(os.ttyname(slave))
-        host = trio.lowlevel.FdStream(os.dup(master))
-        async with guest, host:
-            await host.send_all(BINARY)
-            assert await _read_exactly(guest, len(BINARY)) == BINARY
-            await guest.send_all(BINARY)
-            assert await _read_exactly(host, len(BINARY)) == BINARY
-    finally:
-        os.close(master)
-        os.close(slave)
-
-
-async def test_a_pty_whose_other_end_closed_reports_a_broken_stream() -> None:
-    master, slave = os.openpty()
-    host = trio.lowlevel.FdStream(master)
-    guest = open_serial(os.ttyname(slave))
-    os.close(slave)
-    await guest.aclose()
-    with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
-        await host.receive_some(10)  # EIO on the master: "host gone", not "no data"
-    await host.aclose()
-
-
-async def test_a_character_device_opens_raw(tmp_path: Path) -> None:
-    fifo = tmp_path / "port"
-    os.mkfifo(fifo)
-    stream = open_char_device(fifo)
-    async with stream:
-        await stream.send_all(b"\x00\x01\r\n")
-        assert await _read_exactly(stream, 4) == b"\x00\x01\r\n"
-
-
-def test_find_virtio_port_without_udev(tmp_path: Path) -> None:
-    sys_dir = tmp_path / "sys"
-    for port, name in (("vport0p1", "org.qemu.guest_agent.0"), ("vport0p2", "org.tvdnet.keys.0")):
-        (sys_dir / port).mkdir(parents=True)
-        (sys_dir / port / "name").write_text(name + "\n")
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    assert find_virtio_port("org.tvdnet.keys.0", dev=dev, sys_dir=sys_dir) == dev / "vport0p2"
-    (dev / "virtio-ports").mkdir()
-    (dev / "virtio-ports" / "org.tvdnet.keys.0").touch()
-    assert find_virtio_port("org.tvdnet.keys.0", dev=dev, sys_dir=sys_dir) == (
-        dev / "virtio-ports" / "org.tvdnet.keys.0"
+async def test_a_socket_stream_is_read_through_its_descriptor() -> None:
+    a, b = socket.socketpair()
+    left, right = (
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
     )
-    with pytest.raises(FileNotFoundError, match="no virtio-serial port named 'nope'"):
-        find_virtio_port("nope", dev=dev, sys_dir=sys_dir)
+    fd = fileno_of(right)
+    assert fd == b.fileno()
+    async with left, right:
+        await left.send_all(b"hello")
+        assert await receive_some(right, fd, 3) == b"hel"
+        assert await receive_some(right, fd, 100) == b"lo"
+        await left.send_eof()
+        assert await receive_some(right, fd, 100) == b""
 
 
-async def test_a_pty_with_nothing_to_read_is_not_end_of_file() -> None:
-    master, slave = os.openpty()
+async def test_a_read_that_finds_data_takes_one_task_step() -> None:
+    a, b = socket.socketpair()
+    a.send(b"ready")
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    steps = 0
+
+    class Count(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal steps
+            if task is me:
+                steps += 1
+
+    me = trio.lowlevel.current_task()
+    trio.lowlevel.add_instrument(counter := Count())
     try:
-        guest = open_serial(os.ttyname(slave))
-        host = trio.lowlevel.FdStream(os.dup(master))
-        async with guest, host:
-            # Nothing is there yet: the read must wait, not return b"" (which means EOF).
-            with trio.move_on_after(0.2) as waited:
-                data = await guest.receive_some(10)
-                raise AssertionError(f"receive_some returned {data!r} with nothing sent")
-            assert waited.cancelled_caught
-            await host.send_all(b"late")
-            assert await _read_exactly(guest, 4) == b"late"
+        await trio.lowlevel.checkpoint()  # count from a fresh step
+        steps = 0
+        assert await receive_some(stream, fileno_of(stream), 100) == b"ready"
+        await trio.lowlevel.checkpoint()
     finally:
-        os.close(master)
-        os.close(slave)
+        trio.lowlevel.remove_instrument(counter)
+    assert steps == 2  # the wake-up that reads, then the checkpoint after it
+    a.close()
+    await stream.aclose()
+
+
+async def test_an_fd_stream_and_a_stream_without_a_descriptor() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    stream = trio.lowlevel.FdStream(r)
+    assert fileno_of(stream) == r
+    os.write(w, b"pipe")
+    assert await receive_some(stream, fileno_of(stream), 100) == b"pipe"
+    os.close(w)
+    assert await receive_some(stream, fileno_of(stream), 100) == b""
+    await stream.aclose()
+    left, right = trio.testing.memory_stream_pair()
+    assert fileno_of(right) is None
+    await left.send_all(b"memory")
+    assert await receive_some(right, None, 100) == b"memory"
+
+
+async def test_an_empty_descriptor_waits_and_never_reads_as_end_of_stream() -> None:
+    """Bytes another reader of the descriptor took leave nothing: the read waits for the
+    next bytes instead of returning b"" (which would mean end of stream)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    stream = trio.lowlevel.FdStream(r)
+    got: list[bytes | bytearray] = []
+
+    async def reader() -> None:
+        got.append(await receive_some(stream, r, 100))
+
+    async with trio.open_nursery() as nursery:
+        os.write(w, b"x")
+        os.read(r, 1)  # another reader took it
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        os.write(w, b"y")
+    assert got == [b"y"]
+    os.close(w)
+    await stream.aclose()

@@ -31,6 +31,7 @@ import trio
 
 from tvdnet import WallClock, channel
 from tvdnet.core.channel import Member
+from tvdnet.streams import fileno_of, receive_some
 
 from ._iso import open_qmp, write_update_image
 from ._log import emit
@@ -370,10 +371,7 @@ class ChannelWorker:
         emit(logging.INFO, "connected", vm=self.vm, port=self.spec)
         why = "cancelled"
         self._stuck_why = None
-        if isinstance(stream, trio.SocketStream):
-            self._fd = stream.socket.fileno()
-        elif isinstance(stream, trio.lowlevel.FdStream):
-            self._fd = stream.fileno()
+        self._fd = fileno_of(stream)
         try:
             async with trio.open_nursery() as nursery:
                 self._connection_scope = nursery.cancel_scope
@@ -398,7 +396,7 @@ class ChannelWorker:
     async def _read_loop(self, stream: trio.abc.Stream) -> None:
         while True:
             try:
-                data = await stream.receive_some(BRIDGE_READ_CHUNK)
+                data = await receive_some(stream, self._fd, BRIDGE_READ_CHUNK)
             except _BROKEN as exc:
                 raise _Dropped(f"read failed ({type(exc).__name__})") from None
             if not data:

@@ -60,6 +60,7 @@ from .core.frames import printable
 from .core.session import Session
 from .keychannel import KeyChannelOutput, run_key_channel
 from .keyfile import load_computer_keys
+from .streams import fileno_of, receive_some
 
 __all__ = ["Node", "open_node"]
 
@@ -670,8 +671,9 @@ class Node:
     def _start_connection(self, conn: int, stream: trio.abc.Stream) -> None:
         assert self._nursery is not None
         self._streams[conn] = stream
-        if isinstance(stream, trio.SocketStream):
-            self._fds[conn] = stream.socket.fileno()
+        fd = fileno_of(stream)
+        if fd is not None:
+            self._fds[conn] = fd
         self._nursery.start_soon(self._run_connection, conn, stream)
         self._after()
 
@@ -697,13 +699,14 @@ class Node:
 
     async def _reader(self, conn: int, stream: trio.abc.Stream) -> None:
         session = self._session
+        fd = self._fds.get(conn)
         try:
             while True:
                 while len(self._inbox) >= self.config.inbox_size:
                     # Backpressure: stop reading while the application lags behind.
                     self._inbox_space = trio.Event()
                     await self._inbox_space.wait()
-                data = await stream.receive_some(_READ_SIZE)
+                data = await receive_some(stream, fd, _READ_SIZE)
                 session.receive_data(conn, data, self._clock.now())
                 self._after()
                 if not data or session.is_finished(conn):

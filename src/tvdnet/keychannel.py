@@ -17,6 +17,7 @@ from .core.agent import KeyAgent
 from .core.channel import parse_address
 from .core.constants import CHANNEL_HELLO_RETRY
 from .ports import find_virtio_port, open_char_device, open_serial
+from .streams import fileno_of, receive_some
 
 __all__ = ["run_key_channel"]
 
@@ -46,10 +47,7 @@ class KeyChannelOutput:
         self.busy = False  # the writer task is writing
 
     def attach(self, stream: trio.abc.Stream) -> None:
-        if isinstance(stream, trio.SocketStream):
-            self._fd = stream.socket.fileno()
-        elif isinstance(stream, trio.lowlevel.FdStream):
-            self._fd = stream.fileno()
+        self._fd = fileno_of(stream)
 
     def detach(self) -> None:
         self._fd = None
@@ -155,9 +153,10 @@ async def _read(
     stream: trio.abc.Stream, agent: KeyAgent, after_agent: Callable[[], None], clock: WallClock
 ) -> str:
     """Feed the agent until EOF or an error; returns why it stopped."""
+    fd = fileno_of(stream)
     try:
         while True:
-            data = await stream.receive_some(_READ_SIZE)
+            data = await receive_some(stream, fd, _READ_SIZE)
             if not data:
                 return "eof"
             agent.receive_data(data, clock.now())
