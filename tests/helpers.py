@@ -11,6 +11,7 @@ import msgpack
 
 from tvdnet import Session
 from tvdnet.core import frames
+from tvdnet.core.constants import KEY_DELAY, KEY_SPREAD
 from tvdnet.core.scheme import ComputerKeys, Schedule, generate
 from tvdnet.core.session import _Connection
 
@@ -23,6 +24,9 @@ def load_vectors() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
     return data
 
+
+# The longest a KEY is held back after the event that asks for it (SPEC §4: within 100 ms).
+KEY_DUE = KEY_DELAY + KEY_SPREAD
 
 # Periods of 10 s from t=0; tests pick `now` inside the period they want.
 SCHEDULE = Schedule(epoch=0.0, period_s=10.0, periods=1000)
@@ -71,7 +75,12 @@ class Tvd:
         return {peer: bytearray(p) for peer, p in self.updates_of(vm, t).items()}
 
     def update(self, vm: str, t: int, now: float) -> tuple[int, list[str]]:
-        return self.sessions[vm].apply_update(t, self.partials(vm, t), now)
+        """Apply vm's update for period t at `now`, and the key work it leaves due at
+        `now` (Session.apply_update only derives; the rest is a timer at once)."""
+        session = self.sessions[vm]
+        result = session.apply_update(t, self.partials(vm, t), now)
+        session.handle_timeout(now)
+        return result
 
     def update_all(self, t: int, now: float) -> None:
         for vm in self.sessions:

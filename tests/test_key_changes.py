@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 from cryptography.exceptions import InvalidTag
 
-from helpers import Link, Tvd, connection, events, frames_in, mid
+from helpers import KEY_DUE, Link, Tvd, connection, events, frames_in, mid
 from tvdnet import (
     ConnectionState,
     Dial,
@@ -23,6 +23,7 @@ from tvdnet import (
     Session,
 )
 from tvdnet.core import frames
+from tvdnet.core.constants import KEY_DELAY, KEY_WORK_CHUNK
 
 START_2 = 10.0  # the start of period 2
 
@@ -318,6 +319,101 @@ def test_key_and_ack_go_out_on_a_new_key_and_when_the_peer_shows_one() -> None:
     # B learns that A holds 2 (B does not yet): B answers KEY 1 with an ACK at once.
     (answer,) = frames_in([b.data_to_send(link.conn_b, now)])
     assert [frames.KEY, 1, None] in _open(a, link.conn_a, answer)
+
+
+def test_a_new_key_s_key_leaves_within_100_ms_spread_over_connections() -> None:
+    """A hub's new keys: every connection is due to carry its KEY within KEY_DUE (under
+    the spec's 100 ms), not all at the same instant, and not before KEY_DELAY."""
+    members = ["hub"] + [f"vm-{i}" for i in range(20)]
+    tvd = Tvd(members)
+    hub = tvd.session("hub")
+    spokes = [tvd.session(m) for m in members[1:]]
+    tvd.update_all(1, mid(1))
+    links = [Link(hub, s, mid(1)) for s in spokes]
+    for link in links:
+        link.pump(mid(1))
+    hub.ready_connections()  # what the handshakes left, written by the pumps
+    now = START_2 + 0.1
+    tvd.update("hub", 2, now)
+    assert hub.ready_connections() == set()  # held back: a frame sent meanwhile carries it
+    due: dict[int, float] = {}
+    while len(due) < len(links):
+        deadline = hub.next_deadline()
+        assert deadline <= now + KEY_DUE < now + 0.1
+        hub.handle_timeout(deadline)
+        for conn in hub.ready_connections():
+            due[conn] = deadline
+            hub.data_to_send(conn, deadline)
+    assert min(due.values()) >= now + KEY_DELAY
+    assert len(set(due.values())) > len(links) // 2  # spread, not one burst
+
+
+def test_a_frame_sent_meanwhile_carries_the_key_and_the_timer_sends_nothing_more() -> None:
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = START_2 + 0.1
+    tvd.update("vm-a", 2, now)
+    a.send("vm-b", "carries KEY 2", now)
+    (frame,) = frames_in([a.data_to_send(link.conn_a, now)])
+    assert [frames.KEY, 2, None] in _open(b, link.conn_b, frame)
+    assert a.ready_connections() == {link.conn_a}  # the send's, written above
+    a.handle_timeout(now + KEY_DUE)
+    assert a.ready_connections() == set()
+
+
+def test_an_update_for_many_peers_is_acknowledged_before_its_key_work() -> None:
+    """apply_update derives and erases only; the KEYs and timers of each key change are
+    due at once in handle_timeout, KEY_WORK_CHUNK peers per call."""
+    members = ["hub"] + [f"vm-{i}" for i in range(2 * KEY_WORK_CHUNK + 5)]
+    tvd = Tvd(members)
+    hub = tvd.session("hub")
+    now = mid(1)
+    applied, missing = hub.apply_update(1, tvd.partials("hub", 1), now)
+    assert (applied, missing) == (len(members) - 1, [])
+    assert all(hub.key_state(m).get(1) is not None for m in members[1:])
+    assert hub.next_deadline() == now  # the key work, due now
+    calls = 0
+    while hub.next_deadline() <= now:
+        hub.handle_timeout(now)
+        calls += 1
+    assert calls == 3  # 128 + 128 + 5 peers
+    assert hub.next_deadline() > now
+
+
+def test_a_new_key_re_sends_nothing_still_on_its_way() -> None:
+    """Without a REJECT, what was sent under the older key is on a stream that keeps it:
+    the new key brings no duplicate, and the message is acknowledged once."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = START_2 + 0.1
+    a.send("vm-b", "in flight", now)
+    in_flight = a.data_to_send(link.conn_a, now)
+    tvd.update("vm-a", 2, now)
+    assert a.stats["resends"] == 0
+    b.receive_data(link.conn_b, in_flight, now)
+    link.pump(now)
+    assert received(b) == [(1, "in flight")] and b.stats["duplicates"] == 0
+    assert a.unacknowledged("vm-b") == 0
+
+
+def test_a_sender_backing_off_re_sends_at_once_on_a_new_key() -> None:
+    """SPEC §4: a sender that was refused resets its back-off and re-sends at once when
+    its new key comes (REJECT is unauthenticated: here B's REJECT of A's frame)."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = START_2 + 0.1
+    a.send("vm-b", "refused", now)
+    b._peers["vm-a"].keys.forget()  # as if B's SK_1 had lapsed: B refuses A's frame
+    link.pump(now)
+    assert a.stats["rejects_received"] == 1 and received(b) == []
+    resends = a.stats["resends"]
+    now += 0.2  # before A's 1 s re-send timer
+    tvd.update("vm-a", 2, now)
+    assert a.stats["resends"] == resends + 1
+    tvd.update("vm-b", 2, now)
+    link.pump(now + KEY_DUE)
+    assert received(b) == [(2, "refused")]
+    assert a.unacknowledged("vm-b") == 0
 
 
 def _open(receiver: Session, conn_id: int, frame: list[Any]) -> list[Any]:

@@ -23,6 +23,15 @@ SKEW_ALLOWANCE: Final = 2.0  # SPEC §4: default clock-skew allowance, seconds
 
 # SPEC §4 asks for an ACK within 100 ms of any MSG: the session ACKs at once, and under
 # load the ACK rides in the next frame the writer seals anyway.
+# SPEC §4 asks for KEY+ACK within 100 ms of a new key or of learning the peer's: it leaves
+# KEY_DELAY plus up to KEY_SPREAD after the event (spread by connection), so that one frame
+# answers both events when they come close together (at a period change they do), a
+# frame sent meanwhile carries it, and a hub's thousand KEYs do not leave in one burst.
+KEY_DELAY: Final = 0.010
+KEY_SPREAD: Final = 0.050
+# A new key for many peers at once: the rest of the key change (KEY, erasure timers,
+# dialing) is done this many peers at a time, after the update is acknowledged.
+KEY_WORK_CHUNK: Final = 128
 RESEND_INITIAL: Final = 1.0  # SPEC §4: re-send when the oldest has waited 1 s
 RESEND_MAX: Final = 30.0  # SPEC §4: backing off to 30 s
 

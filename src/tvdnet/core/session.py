@@ -16,8 +16,10 @@ every call and moves bytes between it and the network:
 Where the rules live:
 - HELLO checks, the counter, the period rules: `_on_hello`, `_on_data`, `_usable`.
 - Which key seals what, KEY and ACK: `data_to_send`, `_seal_period`, `_seal_pending`.
-- What happens at a period change (two keys, the overlap, erasure): `_key_changed`,
-  `_usable`, `_retire_older`, `_on_key_timer`.
+- What happens at a period change (two keys, the overlap, erasure): `apply_update` (derive
+  and erase only), then `_do_key_work` -> `_key_changed` from `handle_timeout`, `_key_soon`
+  (KEY within KEY_DELAY + KEY_SPREAD, under the spec's 100 ms), `_usable`, `_retire_older`,
+  `_on_key_timer`.
 - Acknowledgement as a set, numbering per instance, restarts and forgeries:
   `_on_ack`, `_on_authenticated` (with `delivery.py`).
 - One connection per pair and the tie-breaks: `_on_authenticated`, `_tie_break`.
@@ -49,6 +51,9 @@ from .constants import (
     INSTANCE_LEN,
     KEEPALIVE_INTERVAL,
     KEPT_INSTANCES,
+    KEY_DELAY,
+    KEY_SPREAD,
+    KEY_WORK_CHUNK,
     MAX_UNAUTHENTICATED,
     MESSAGE_LIMIT,
     NONCE_LEN,
@@ -200,6 +205,17 @@ def _timer(kind: str, name: str | int) -> tuple[str, str | int]:
     return (kind, name)
 
 
+_KEY_WORK: Final = _timer("key-work", 0)
+_GOLDEN: Final = (math.sqrt(5) - 1) / 2
+
+
+def _key_delay(conn_id: int) -> float:
+    """How long after a KEY event this connection's KEY leaves: KEY_DELAY plus a share of
+    KEY_SPREAD that differs from one connection to the next (a low-discrepancy sequence:
+    a thousand connections spread evenly, and the same ones every time)."""
+    return KEY_DELAY + (conn_id * _GOLDEN) % 1.0 * KEY_SPREAD
+
+
 class Session:
     """The peer protocol state of one node toward every member of its TVD (SPEC §4).
 
@@ -244,6 +260,7 @@ class Session:
         self._events: deque[Event] = deque()
         self._timers = Timers()
         self._ready: set[int] = set()
+        self._key_work: dict[str, _Peer] = {}  # new keys whose key change is still to do
         self.stats: Counter[str] = Counter()
         self.set_members(keys.peers if members is None else members, now=-math.inf)
 
@@ -291,6 +308,7 @@ class Session:
 
     def _remove_peer(self, peer: _Peer, now: float) -> None:
         peer.keys.forget()
+        self._key_work.pop(peer.id, None)
         for conn in list(peer.conns):
             self._close(conn, frames.NOT_A_MEMBER, "the peer left the TVD", now)
         for message in peer.delivery.forget():
@@ -307,6 +325,11 @@ class Session:
         has no computer key for). Partials of non-members are ignored. Every partial is
         zeroed. Whether the whole update is early is the caller's decision (it answers
         `early` instead of calling this).
+
+        Only the keys are derived (and the ones they replace erased) here, so that the
+        update can be acknowledged at once; the rest of each key change (KEY to the
+        peer, erasure timers, dialing) is due now in `handle_timeout`, KEY_WORK_CHUNK
+        peers per call, so that a hub's 1,200 key changes do not hold up its traffic.
         """
         self.schedule.check(t)
         applied = 0
@@ -321,32 +344,58 @@ class Session:
             comp_key = self._computer_keys.get(peer_id)
             assert comp_key is not None  # a _Peer exists only with a computer key
             result, erased = peer.keys.apply(t, partial, comp_key, now)
-            self._erased(peer, erased)
+            if erased:
+                self._erased(peer, erased)
             if result is UpdateResult.APPLIED:
-                self._key_changed(peer, now)
+                self._key_work[peer_id] = peer
             if peer.keys.period == t and peer.keys.has_key:
                 applied += 1
+        if self._key_work:
+            self._timers.set_earliest(_KEY_WORK, now)
         return applied, missing
 
     def erase_all_keys(self) -> None:
         """Forget every period key and its number (a welcome with another schedule, SPEC §5)."""
+        self._key_work.clear()
         for peer in self._peers.values():
             peer.keys.forget()
             self._timers.cancel(_timer("key", peer.id))
             for conn in peer.conns:
                 conn.drop_traffic_keys()
 
+    def _do_key_work(self, now: float) -> None:
+        """The key changes `apply_update` left, KEY_WORK_CHUNK at a time."""
+        work = self._key_work
+        for _ in range(min(KEY_WORK_CHUNK, len(work))):
+            peer_id = next(iter(work))
+            self._key_changed(work.pop(peer_id), now)
+        if work:
+            self._timers.set(_KEY_WORK, now)
+
+    def _key_soon(self, conn: _Connection, now: float) -> None:
+        """SPEC §4: KEY+ACK within 100 ms of a new key or of learning the peer's. It
+        leaves after `_key_delay` (a frame sent meanwhile carries it instead), so that one
+        frame answers both when they come close together; it says the newest period
+        when it leaves."""
+        conn.key_wanted = conn.ack_wanted = True
+        self._timers.set_earliest(_timer("key-send", conn.id), now + _key_delay(conn.id))
+
     def _key_changed(self, peer: _Peer, now: float) -> None:
         """A new period key for `peer` (SPEC §4 Key changes): KEY+ACK on every open
-        connection within 100 ms, a re-send at once, and the older key retired when no
-        connection accepts it any more."""
+        connection within 100 ms, the back-off reset with a re-send at once if it was
+        backing off, and the older key retired when no connection accepts it any more.
+
+        Only a sender that was backing off re-sends: without a REJECT, what it sent is
+        still on its way over a stream that keeps it, and a re-send of every message in
+        flight at each period change is a burst of duplicates (as for an authenticated
+        DATA frame, `_on_data`)."""
         for conn in peer.conns:
             if conn.state is ConnectionState.OPEN:
-                conn.key_wanted = conn.ack_wanted = True
-                self._ready.add(conn.id)
+                self._key_soon(conn, now)
+        backing_off = peer.rejected or peer.resend_backoff > RESEND_INITIAL
         peer.rejected = False
         peer.resend_backoff = RESEND_INITIAL
-        if peer.active is not None and peer.delivery.unacknowledged():
+        if backing_off and peer.active is not None and peer.delivery.unacknowledged():
             self._resend_all(peer, peer.active, now)
         self._retire_older(peer, now)
         self._schedule_key_timer(peer, now)
@@ -720,8 +769,7 @@ class Session:
             if peer.delivery.unacknowledged():
                 self._resend_all(peer, conn, now)
         if learned:
-            conn.key_wanted = conn.ack_wanted = True
-            self._ready.add(conn.id)
+            self._key_soon(conn, now)
         if newer:
             self._retire_older(peer, now)
         if conn.state is ConnectionState.OPEN:
@@ -767,8 +815,7 @@ class Session:
                     raise FrameError(frames.BAD_FRAME, "KEY must be [2, t in 1..N, nil]")
                 if seq > conn.key_seen and seq > conn.frame_max:
                     # SPEC §4: first learning that the peer holds a newer key: KEY+ACK.
-                    conn.key_wanted = conn.ack_wanted = True
-                    self._ready.add(conn.id)
+                    self._key_soon(conn, now)
                 conn.key_seen = max(conn.key_seen, seq)
             # any other kind: an extension this node does not know, ignored (SPEC §4)
         if got_message:
@@ -1033,6 +1080,7 @@ class Session:
         self._strangers.pop(conn.id, None)
         self._timers.cancel(_timer("conn", conn.id))
         self._timers.cancel(_timer("first", conn.id))
+        self._timers.cancel(_timer("key-send", conn.id))
         peer = self._peers.get(conn.peer) if conn.peer is not None else None
         if peer is None:
             return
@@ -1067,13 +1115,18 @@ class Session:
         """Run every timer that is due at `now`."""
         for key in self._timers.pop_due(now):
             kind, name = cast(tuple[str, Any], key)
-            if kind in ("conn", "first"):
+            if kind in ("conn", "first", "key-send"):
                 conn = self._conns.get(name)
                 if conn is not None:
                     if kind == "conn":
                         self._on_conn_timer(conn, now)
-                    else:
+                    elif kind == "first":
                         self._on_first_timer(conn, now)
+                    elif conn.key_wanted and conn.state is ConnectionState.OPEN:
+                        self._ready.add(conn.id)  # no frame carried the KEY meanwhile
+                continue
+            if kind == "key-work":
+                self._do_key_work(now)
                 continue
             peer = self._peers.get(name)
             if peer is None:
