@@ -23,7 +23,7 @@ from tvdnet import (
     Session,
 )
 from tvdnet.core import frames
-from tvdnet.core.constants import KEY_DELAY, KEY_WORK_CHUNK
+from tvdnet.core.constants import KEY_DELAY, KEY_SLOTS, KEY_WORK_CHUNK
 
 START_2 = 10.0  # the start of period 2
 
@@ -77,6 +77,25 @@ def test_an_open_connection_rides_the_period_change_on_the_older_key() -> None:
     assert received(b) == [(2, "after")]
     assert a.stats["rejected_expired"] + a.stats["rejected_unknown"] == 0
     assert b.stats["rejected_expired"] + b.stats["rejected_unknown"] == 0
+
+
+def test_an_older_key_erased_early_leaves_no_timer_at_its_old_deadline() -> None:
+    """Once both sides use SK_2, SK_1 is erased and the pair's key timer moves to SK_2's
+    own deadline: nothing wakes at the end of the overlap (12 s) for a key that is gone."""
+    tvd = Tvd()
+    a, b, link = opened(tvd, mid(1))
+    now = START_2 + 0.1
+    tvd.update_all(2, now)
+    for side in (a, b):
+        side.handle_timeout(now + KEY_DUE)
+    link.pump(now + KEY_DUE)
+    a.send("vm-b", "under 2", now + KEY_DUE)
+    b.send("vm-a", "under 2", now + KEY_DUE)
+    link.pump(now + KEY_DUE)
+    for side in (a, b):
+        assert side.key_state(side.peers[0]).older is None
+        key_timer = side._timers.get(("key", side.peers[0]))
+        assert key_timer == a.key_state("vm-b").lifetime(2)  # the end of period 2 + 2 s
 
 
 def test_an_early_update_keeps_the_current_key_in_use() -> None:
@@ -332,7 +351,10 @@ def test_a_new_key_s_key_leaves_within_100_ms_spread_over_connections() -> None:
     links = [Link(hub, s, mid(1)) for s in spokes]
     for link in links:
         link.pump(mid(1))
-    hub.ready_connections()  # what the handshakes left, written by the pumps
+    hub.handle_timeout(mid(1) + KEY_DUE)  # the handshakes' timers
+    for link in links:
+        link.pump(mid(1) + KEY_DUE)
+    hub.ready_connections()  # what they left, written by the pumps
     now = START_2 + 0.1
     tvd.update("hub", 2, now)
     assert hub.ready_connections() == set()  # held back: a frame sent meanwhile carries it
@@ -345,7 +367,7 @@ def test_a_new_key_s_key_leaves_within_100_ms_spread_over_connections() -> None:
             due[conn] = deadline
             hub.data_to_send(conn, deadline)
     assert min(due.values()) >= now + KEY_DELAY
-    assert len(set(due.values())) > len(links) // 2  # spread, not one burst
+    assert len(set(due.values())) == KEY_SLOTS  # spread, not one burst
 
 
 def test_a_frame_sent_meanwhile_carries_the_key_and_the_timer_sends_nothing_more() -> None:
@@ -378,6 +400,10 @@ def test_an_update_for_many_peers_is_acknowledged_before_its_key_work() -> None:
         calls += 1
     assert calls == 3  # 128 + 128 + 5 peers
     assert hub.next_deadline() > now
+    small = Tvd(["vm-a", "vm-b", "vm-c"])
+    few = small.session("vm-a")
+    few.apply_update(1, small.partials("vm-a", 1), now)
+    assert few.next_deadline() > now  # a few pairs: done in apply_update
 
 
 def test_a_new_key_re_sends_nothing_still_on_its_way() -> None:

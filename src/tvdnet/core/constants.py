@@ -29,6 +29,7 @@ SKEW_ALLOWANCE: Final = 2.0  # SPEC §4: default clock-skew allowance, seconds
 # frame sent meanwhile carries it, and a hub's thousand KEYs do not leave in one burst.
 KEY_DELAY: Final = 0.010
 KEY_SPREAD: Final = 0.050
+KEY_SLOTS: Final = 8  # ...in this many steps (each a wake-up of the node's timer)
 # A new key for many peers at once: the rest of the key change (KEY, erasure timers,
 # dialing) is done this many peers at a time, after the update is acknowledged.
 KEY_WORK_CHUNK: Final = 128

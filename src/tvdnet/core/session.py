@@ -52,6 +52,7 @@ from .constants import (
     KEEPALIVE_INTERVAL,
     KEPT_INSTANCES,
     KEY_DELAY,
+    KEY_SLOTS,
     KEY_SPREAD,
     KEY_WORK_CHUNK,
     MAX_UNAUTHENTICATED,
@@ -210,10 +211,13 @@ _GOLDEN: Final = (math.sqrt(5) - 1) / 2
 
 
 def _key_delay(conn_id: int) -> float:
-    """How long after a KEY event this connection's KEY leaves: KEY_DELAY plus a share of
-    KEY_SPREAD that differs from one connection to the next (a low-discrepancy sequence:
-    a thousand connections spread evenly, and the same ones every time)."""
-    return KEY_DELAY + (conn_id * _GOLDEN) % 1.0 * KEY_SPREAD
+    """How long after a KEY event this connection's KEY leaves: KEY_DELAY plus one of
+    KEY_SLOTS steps across KEY_SPREAD, picked by a low-discrepancy sequence of the
+    connection id (a thousand connections spread evenly over the slots, and the same
+    ones every time); a few slots rather than one time per connection, so a hub's timer
+    wakes a few times for its thousand KEYs, not a thousand times."""
+    slot = int((conn_id * _GOLDEN) % 1.0 * KEY_SLOTS)
+    return KEY_DELAY + slot * KEY_SPREAD / (KEY_SLOTS - 1)
 
 
 class Session:
@@ -326,10 +330,11 @@ class Session:
         zeroed. Whether the whole update is early is the caller's decision (it answers
         `early` instead of calling this).
 
-        Only the keys are derived (and the ones they replace erased) here, so that the
-        update can be acknowledged at once; the rest of each key change (KEY to the
-        peer, erasure timers, dialing) is due now in `handle_timeout`, KEY_WORK_CHUNK
-        peers per call, so that a hub's 1,200 key changes do not hold up its traffic.
+        For more than KEY_WORK_CHUNK new keys, only the keys are derived (and the ones
+        they replace erased) here, so that the update can be acknowledged at once; the
+        rest of each key change (KEY to the peer, erasure timers, dialing) is due now in
+        `handle_timeout`, KEY_WORK_CHUNK peers per call, so that a hub's 1,200 key
+        changes do not hold up its traffic. Fewer are done here.
         """
         self.schedule.check(t)
         applied = 0
@@ -350,8 +355,10 @@ class Session:
                 self._key_work[peer_id] = peer
             if peer.keys.period == t and peer.keys.has_key:
                 applied += 1
-        if self._key_work:
+        if len(self._key_work) > KEY_WORK_CHUNK:
             self._timers.set_earliest(_KEY_WORK, now)
+        elif self._key_work:
+            self._do_key_work(now)  # a few pairs: no reason to wake again for them
         return applied, missing
 
     def erase_all_keys(self) -> None:
@@ -440,6 +447,9 @@ class Session:
         erased = keys.erase_older()
         if erased is not None:
             self._erased(peer, [erased])
+            # Its erasure deadline is gone: a key timer left there would wake for
+            # nothing (a hub's thousand at once, `allowance` after every period change).
+            self._schedule_key_timer(peer, now)
 
     # ------------------------------------------------------------------ the period rules
 
