@@ -11,11 +11,21 @@ these are counted, per period:
 - Python calls: the function calls made while such a task ran (`sys.setprofile`), trio's
   own included.
 
-Figures: bridge per VM, each peer node, and the hub per peer. Counts do not depend on how
-busy the machine is, which timings on these shared machines do (BENCHMARKS.md): a task
-step or a call costs the same CPU before and after a change, so fewer is less CPU.
+Figures: bridge per VM, each peer node, and the hub per peer.
 
-    python benchmarks/steps.py [--vms 50] [--periods 4] [--json FILE]
+The data path (`--data`) is counted the same way: two nodes on loopback TCP under
+MockClock, vm-a sends --messages messages of 64 bytes to vm-b, each `send()` returning on
+the peer's ACK, first one at a time (`1 in flight`: no coalescing, the whole path per
+message) and then with 64 sends outstanding (`64 in flight`). Figures: task steps and
+Python calls per message, both nodes together (sending, sealing, writing, reading,
+opening, delivering to the inbox, the ACK back), with the sending and receiving tasks'
+few calls of their own.
+
+Counts do not depend on how busy the machine is, which timings on these shared machines
+do (BENCHMARKS.md): a task step or a call costs the same CPU before and after a change,
+so fewer is less CPU, and a regression shows as a count.
+
+    python benchmarks/steps.py [--vms 50] [--periods 4] [--messages 2000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from device_bridge._transports import StreamPort
 from tvdnet import KeyChannelSpec, NodeConfig, WallClock, open_node
 from tvdnet.core.scheme import Schedule, generate
 from tvdnet.keyfile import write_computer_keys
-from tvdnet_tools.local import free_port
+from tvdnet_tools.local import free_port_block
 
 PERIOD_S = 5.0
 EPOCH = 1_800_000_000.0
@@ -105,7 +115,8 @@ async def _run(vms: int, periods: int, tally: Tally, directory: Path) -> None:
     ids = [HUB, *(f"vm{i:04d}" for i in range(1, vms))]
     schedule = Schedule(EPOCH, PERIOD_S, 1000)
     ports = {vm: StreamPort(vm) for vm in ids}
-    addresses = {vm: f"127.0.0.1:{free_port()}" for vm in ids}
+    base = free_port_block(len(ids))
+    addresses = {vm: f"127.0.0.1:{base + i}" for i, vm in enumerate(ids)}
     members = [MemberConfig(vm, addresses[vm], ports[vm]) for vm in ids]
     config = TvdConfig.for_schedule("steps", schedule, members, pairs=f"star:{HUB}")
     provisioning = generate("steps", ids, pairs=[(HUB, vm) for vm in ids[1:]])
@@ -179,13 +190,105 @@ def measure(vms: int, periods: int) -> dict[str, Any]:
     }
 
 
+class DataTally(trio.abc.Instrument):
+    """Task steps and Python calls of every task: the nodes' and the senders' and the
+    receiver's, which call `send()` and read the inbox (a few calls of their own)."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.steps = 0
+        self.calls = 0
+        self._node_task = False
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._node_task = self.counting
+        self.steps += self._node_task
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._node_task = False
+
+    def profile(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and self._node_task:
+            self.calls += 1
+
+
+async def _data_run(messages: int, tally: DataTally, directory: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from nodes import Harness  # the test suite's two-node harness (bridge over sockets)
+
+    harness = Harness(directory, ["vm-a", "vm-b"], period_s=3600.0)
+    body = bytes(64)
+    result: dict[str, Any] = {}
+    async with harness.running():
+        await harness.wait_keys()
+        a, b = harness.nodes["vm-a"], harness.nodes["vm-b"]
+
+        async def drain() -> None:
+            async for _ in b:
+                pass
+
+        async def send_many(count: int) -> None:
+            for _ in range(count):
+                await a.send("vm-b", body)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await a.send("vm-b", b"warm-up")
+            for label, in_flight in (("1 in flight", 1), ("64 in flight", 64)):
+                await trio.sleep(1)  # every timer and ACK of the warm-up has run
+                tally.steps = tally.calls = 0
+                tally.counting = True
+                async with trio.open_nursery() as senders:
+                    for _ in range(in_flight):
+                        senders.start_soon(send_many, messages // in_flight)
+                tally.counting = False
+                sent = messages // in_flight * in_flight
+                result[label] = {
+                    "task_steps": tally.steps / sent,
+                    "python_calls": tally.calls / sent,
+                }
+            nursery.cancel_scope.cancel()
+    return result
+
+
+def measure_data(messages: int) -> dict[str, Any]:
+    tally = DataTally()
+    with tempfile.TemporaryDirectory(prefix="tvdsteps") as directory:
+        sys.setprofile(tally.profile)
+        try:
+            return trio.run(
+                _data_run,
+                messages,
+                tally,
+                Path(directory),
+                clock=trio.testing.MockClock(autojump_threshold=0),
+                instruments=[tally],
+            )
+        finally:
+            sys.setprofile(None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vms", type=int, default=50, help="VMs: a hub and VMS-1 peers")
     parser.add_argument("--periods", type=int, default=4, help="idle periods counted")
+    parser.add_argument("--messages", type=int, default=2048, help="data-path messages")
+    parser.add_argument("--data", action="store_true", help="count the data path only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    data = measure_data(args.messages)
+    print(f"data path, {args.messages} messages of 64 B, both nodes, per message:")
+    for label, figures in data.items():
+        print(
+            f"  {label:16} {figures['task_steps']:6.2f} task steps "
+            f"{figures['python_calls']:7.0f} Python calls"
+        )
+    if args.data:
+        if args.json:
+            args.json.write_text(json.dumps({"data_path": data}, indent=2) + "\n")
+        return
     result = measure(args.vms, args.periods)
+    result["data_path"] = data
     print(f"{args.vms} VMs, {args.periods} idle periods of {PERIOD_S:g} s counted, per period:")
     for who, label in (("bridge", "bridge, per VM"), ("peer", "peer node"), (HUB, "hub, per peer")):
         print(
