@@ -639,8 +639,9 @@ def test_members_message_forgets_a_removed_peer(tvd: Tvd) -> None:
     a.set_members(["vm-a"], mid(1))
     assert SendFailed("vm-b", handle, "the peer left the TVD") in events(a)
     assert frames_in([a.data_to_send(link.conn_a, mid(1))]) == [[frames.CLOSE, "not-a-member"]]
-    assert a.peers == []
+    assert a.peers == [] and not a.has_peer("vm-b")
     missing = a.set_members(["vm-a", "vm-b", "vm-c"], mid(1))
+    assert a.has_peer("vm-b") and not a.has_peer("vm-c")  # no computer key for vm-c
     assert missing == ["vm-c"]
     assert a.key_state("vm-b").period == 0  # re-added: starts afresh
 

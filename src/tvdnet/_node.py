@@ -524,7 +524,7 @@ class Node:
         elif type(event) is ev.KeyErased:
             # Only the end of a pair's newest key can leave the node without any key; the
             # previous key going at a period change (every pair, every period) cannot.
-            if event.peer in self._session.peers and (
+            if self._session.has_peer(event.peer) and (
                 event.period == self._session.key_state(event.peer).period
             ):
                 self._keys_erased = True

@@ -281,6 +281,10 @@ class Session:
         """Members this node can talk to: it holds a computer key for each."""
         return list(self._peers)
 
+    def has_peer(self, peer_id: str) -> bool:
+        """Whether `peer_id` is in `peers` (without building the list)."""
+        return peer_id in self._peers
+
     @property
     def members(self) -> frozenset[str]:
         return frozenset(self._members)
