@@ -39,6 +39,7 @@ REQUIRED = {
     "bridge_push_ms",
     "hub_apply_ms",
     "cpu_ms_per_node_period",
+    "rejects_connecting",
 }
 
 
@@ -65,6 +66,9 @@ def test_50_peers_for_10_seconds_lose_nothing(tmp_path: Path) -> None:
     assert report["key_update_ms"].keys() >= {"p50", "max"}
     assert set(report["rejects"]) == {"expired", "unknown", "auth"}
     assert report["rejects"]["auth"] == 0  # no frame may fail to authenticate on loopback
+    connecting = report["rejects_connecting"]
+    assert set(connecting) == {"expired", "unknown"}
+    assert all(0 <= connecting[k] <= report["rejects"][k] for k in connecting)
     assert report["rotations"] >= 2  # 10 s of periods of 3 s
     assert len(report["period_changes_s"]) == report["rotations"]
     # Messages sent within 1 s of a change are reported apart (figures, not asserted).

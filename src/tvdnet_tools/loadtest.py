@@ -208,6 +208,7 @@ class Run:
         self.local: LocalTvd  # written by provision()
         self.started = self.stopped = self.mono_started = 0.0
         self.per_peer_kib: float | None = None
+        self.rejects_connecting: Counter[str] = Counter()  # REJECTs before traffic began
         self.bridge_status: dict[str, Any] = {}
         self.bridge_status_error: str | None = None  # why the bridge's status is missing
         self.bridge_cpu_s = math.nan
@@ -378,6 +379,8 @@ class Run:
             self.phases["connect"] = time.monotonic() - began
             progress.note(f"every peer reached the hub in {self.phases['connect']:.0f} s")
             self.per_peer_kib = connected[0]["per_peer_kib"]
+            for worker in connected:
+                self.rejects_connecting.update(worker.get("rejects", {}))
             await tell(b"go\n")
             nursery.start_soon(self.probe.run)
             self.started = time.time()
@@ -561,6 +564,13 @@ class Run:
                 "unknown": stats["rejected_unknown"],
                 "auth": stats["auth_failures"],
             },
+            # Of those, the ones sent while the peers connected (before traffic): a
+            # handshake that straddles a period boundary is refused once by the spec's
+            # rules (first frames under the period current by the sender's clock).
+            "rejects_connecting": {
+                "expired": self.rejects_connecting["expired"],
+                "unknown": self.rejects_connecting["unknown"],
+            },
             "rotations": rotations,
             "peak_rss_mb": {k: round(v, 1) for k, v in self.rss.items()},
             "gc_s": {name: round(final["gc_s"], 2) for name, final in by_name.items()},
@@ -695,6 +705,8 @@ def print_report(report: dict[str, Any]) -> None:
          f"{report['resends']} / {report['key_channel_resends']}"),
         ("rejects expired / unknown / auth",
          f"{rejects['expired']} / {rejects['unknown']} / {rejects['auth']}"),
+        ("  of which while connecting (expired / unknown)",
+         f"{report['rejects_connecting']['expired']} / {report['rejects_connecting']['unknown']}"),
         ("hub memory per peer KiB", "n/a" if per_peer is None else f"{per_peer:.1f}"),
         ("peak RSS MB", ", ".join(f"{k} {v}" for k, v in report["peak_rss_mb"].items())),
         ("CPU s (of which GC)", ", ".join(

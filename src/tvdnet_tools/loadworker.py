@@ -218,6 +218,14 @@ async def _connect_peers(
                 nursery.start_soon(one, node, peer)
 
 
+def _rejects(nodes: list[Node]) -> dict[str, int]:
+    """REJECTs these nodes sent so far, by reason."""
+    return {
+        reason: sum(node.stats.get(f"rejected_{reason}", 0) for node in nodes)
+        for reason in ("expired", "unknown")
+    }
+
+
 async def _hub_measure(hub: Node, tally: Tally, rss_before: int) -> float:
     """Wait until every peer's message 0 arrived; the hub's memory per peer, KiB."""
     peers = len(hub.peers)
@@ -268,7 +276,7 @@ async def run(spec: dict[str, Any]) -> None:
             await _connect_peers(nodes, targets, pad, tally, spec.get("ramp", 32))
         _emit(
             "connected", per_peer_kib=per_peer_kib, failed=sum(tally.failed.values()),
-            rss_kb=_rss_kb(),
+            rss_kb=_rss_kb(), rejects=_rejects(nodes),
         )  # fmt: skip
         if await commands.next() != "go":
             return
