@@ -22,10 +22,13 @@ from typing import Any
 import trio
 
 from . import __version__
+from ._clock import WallClock
 from ._node import open_node
 from .config import NodeConfig
 from .control import control_request
 from .core.errors import TvdnetError
+from .core.events import Message
+from .core.jsonform import to_json
 
 logger = logging.getLogger("tvdnet")
 
@@ -91,8 +94,8 @@ def _not_installed(name: str, missing: str, args: argparse.Namespace) -> int:
     return 2
 
 
-async def _run_node(config: NodeConfig) -> None:
-    async with open_node(config) as node, trio.open_nursery() as nursery:
+async def _run_node(config: NodeConfig, clock: WallClock | None = None) -> None:
+    async with open_node(config, clock=clock) as node, trio.open_nursery() as nursery:
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -105,14 +108,25 @@ async def _run_node(config: NodeConfig) -> None:
 
         nursery.start_soon(on_signals)
         async for message in node:
-            line = {
-                "event": "received",
-                "vm": node.vm,
-                "from": message.sender,
-                "period": message.period,
-                "body": message.body,
-            }
-            print(json.dumps(line, default=repr), flush=True)
+            print(received_line(node.vm, message), flush=True)
+
+
+def received_line(vm: str, message: Message) -> str:
+    """One JSON line per message received: the body without loss (`tvdnet.core.jsonform`),
+    or, for a body too deeply nested to print, an error in its place: any value a member
+    may send is acknowledged already, so the node prints what it can and goes on."""
+    line: dict[str, Any] = {
+        "event": "received",
+        "vm": vm,
+        "from": message.sender,
+        "period": message.period,
+    }
+    try:
+        line["body"] = to_json(message.body)
+    except ValueError as exc:
+        line["event"] = "received-unprintable"
+        line["error"] = f"the body cannot be printed: {exc}"
+    return json.dumps(line, allow_nan=False)
 
 
 def _control(path: Path, request: dict[str, Any]) -> dict[str, Any]:
