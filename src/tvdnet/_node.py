@@ -22,11 +22,13 @@ and the outside world:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
 import math
 import os
+import socket
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -50,6 +52,7 @@ from .core.agent import (
 from .core.channel import parse_address
 from .core.errors import (
     BroadcastFailed,
+    ConfigError,
     SendFailedError,
     SendTimeout,
     TvdnetError,
@@ -620,9 +623,11 @@ class Node:
 
     # ------------------------------------------------------------------ connections
 
-    async def _serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = parse_address(self.config.listen, any_port=True)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         self.listen_port = listeners[0].socket.getsockname()[1]
         task_status.started()
         async with contextlib.AsyncExitStack() as stack:
@@ -735,6 +740,41 @@ def _source_of(stream: trio.SocketStream) -> str:
     return str(ip)
 
 
+async def _listen(config: NodeConfig) -> list[trio.SocketListener]:
+    """The node's listening sockets; an address it cannot listen on is the operator's
+    mistake, said in one line that names the file and the key (ConfigError)."""
+    host, port = parse_address(config.listen, any_port=True)
+
+    def mistake(problem: str) -> ConfigError:
+        return ConfigError(config.source, None, "listen", f"{config.listen}: {problem}")
+
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except socket.gaierror as exc:
+        raise mistake(f"cannot resolve the host {host!r} ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise mistake("the port is in use (another process listens there)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise mistake(f"{host} is not an address of this machine") from None
+        raise mistake(f"cannot listen there ({exc.strerror or exc})") from None
+
+
+def _check_key_channel(config: NodeConfig) -> None:
+    """`fd:N` must name a descriptor this process holds (the others are opened, and
+    retried, as the node runs)."""
+    spec = config.key_channel
+    if spec.kind != "fd":
+        return
+    try:
+        os.fstat(int(spec.target))
+    except OSError as exc:
+        raise ConfigError(
+            config.source, None, "key_channel",
+            f"{spec}: not an open descriptor of this process ({exc.strerror})",
+        ) from None  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def open_node(
     config: NodeConfig, *, clock: WallClock | None = None, instance: bytes | None = None
@@ -754,9 +794,11 @@ async def open_node(
     )
     agent = KeyAgent(session, schedule)
     node = Node(config, session, agent, clock or WallClock())
+    _check_key_channel(config)
+    listeners = await _listen(config)
     async with trio.open_nursery() as nursery:
         node._nursery = nursery
-        await nursery.start(node._serve)
+        await nursery.start(node._serve, listeners)
         nursery.start_soon(node._timers)
         nursery.start_soon(node._flush_dirty)
         nursery.start_soon(

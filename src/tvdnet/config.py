@@ -88,9 +88,11 @@ class NodeConfig:
     max_unauthenticated: int = 64
     inbox_size: int = 10_000
     control_socket: Path | None = None
+    # Where it was read from, for errors found when the node starts (ConfigError).
+    source: str = field(default="NodeConfig", compare=False)
 
     def __post_init__(self) -> None:
-        source = "NodeConfig"
+        source = self.source
         try:
             parse_address(self.listen, any_port=True)
         except ValueError as exc:
@@ -143,6 +145,6 @@ class NodeConfig:
             if key in document:
                 values[key] = document[key]
         try:
-            return cls(**values)
+            return cls(**values, source=source)
         except ConfigError as exc:
             raise ConfigError(source, None, exc.key, exc.problem) from None

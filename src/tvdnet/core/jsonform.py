@@ -78,4 +78,3 @@ def from_json(value: Any) -> Any:
         if tag == "$float":
             return float(inner)
     return {k: from_json(v) for k, v in value.items()}
-
