@@ -230,6 +230,47 @@ def test_one_bridge_per_keystore(tmp_path: Path) -> None:
     other.close()
 
 
+def test_a_symlink_to_the_keystore_is_refused(tmp_path: Path) -> None:
+    """Issue 18: a second bridge ran through a symlink (its lock was the link's), and its
+    first rewrite replaced the link with a file holding its own, older, device keys."""
+    keystore, _ = make(tmp_path)
+    keystore.lock()
+    link = tmp_path / "other.json"
+    link.symlink_to(keystore.path)
+    with pytest.raises(KeystoreError, match=r"other\.json: a symlink \(to .*keystore\.json\)"):
+        Keystore.load(link, bytearray(PASSPHRASE))
+    keystore.close()
+
+
+def test_a_keystore_with_another_hard_link_is_refused(tmp_path: Path) -> None:
+    keystore, _ = make(tmp_path)
+    os.link(keystore.path, tmp_path / "copy.json")
+    with pytest.raises(KeystoreError, match="2 hard links to it: remove the other names"):
+        Keystore.load(keystore.path, bytearray(PASSPHRASE))
+
+
+def test_a_hard_link_made_while_running_keeps_no_older_key(tmp_path: Path) -> None:
+    """A link made after the bridge loaded its keystore: the rewrite replaces the name the
+    bridge uses and zeroes the old file, so the other name holds no older device key."""
+    keystore, reference = make(tmp_path, passphrase=None, t=3)
+    other = tmp_path / "copy.json"
+    os.link(keystore.path, other)
+    keystore.device_keys.evolve_to(4)
+    keystore.save()
+    assert set(other.read_bytes()) == {0}
+    text = keystore.path.read_text()
+    for pair in keystore.device_keys.pairs:
+        assert reference.dev(pair, 4).hex() in text
+
+
+def test_the_lock_beside_the_keystore_is_not_followed_through_a_symlink(tmp_path: Path) -> None:
+    keystore, _ = make(tmp_path)
+    (tmp_path / "keystore.json.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(KeystoreError, match=r"cannot open its lock .*keystore\.json\.lock"):
+        keystore.lock()
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_close_zeroes_the_passphrase(tmp_path: Path) -> None:
     secret = bytearray(PASSPHRASE)
     keystore, _ = make(tmp_path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 from collections.abc import Iterable
@@ -47,6 +48,7 @@ from tvdnet.keyfile import (
     write_private,
 )
 
+from ._log import emit
 from .constants import (
     KEYSTORE_SCRYPT_MAXMEM,
     KEYSTORE_SCRYPT_N,
@@ -190,6 +192,7 @@ class Keystore:
             document["nonce"] = nonce.hex()
             document["ciphertext"] = ciphertext.hex()
         data = (json.dumps(document, indent=1) + "\n").encode()
+        replaced = _open_replaced(self.path) if overwrite else None
         try:
             write_private(self.path, data, overwrite=overwrite)
         except FileExistsError:
@@ -198,6 +201,9 @@ class Keystore:
             raise KeystoreError(
                 self.path, f"cannot write it ({exc.strerror or exc}); the file on disk is unchanged"
             ) from None
+        finally:
+            if replaced is not None:
+                _erase_if_linked(replaced, self.path)
 
     def save(self, *, overwrite: bool = True) -> None:
         self.write(self.snapshot(), overwrite=overwrite)
@@ -214,7 +220,12 @@ class Keystore:
         if self._lock_fd is not None:
             return
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise KeystoreError(
+                self.path, f"cannot open its lock {lock_path} ({exc.strerror})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -239,7 +250,7 @@ class Keystore:
         """The keystore's outer JSON, after the permission check; says whether it is encrypted."""
         path = Path(path)
         try:
-            check_private(path)
+            check_private(path, sole=True)
         except KeyFileError as exc:
             raise KeystoreError(path, exc.problem) from None
         try:
@@ -365,3 +376,35 @@ def _parse_payload(path: Path, payload: object) -> tuple[Schedule, list[MemberRe
         for key in keys.values():
             key[:] = bytes(len(key))
     return schedule, members, device_keys
+
+
+def _open_replaced(path: Path) -> int | None:
+    """The keystore a rewrite is about to replace, opened to erase it afterwards if another
+    name still holds it (a hard link made while the bridge ran); None if there is none."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # none yet, or a symlink: the checks at load said so
+
+
+def _erase_if_linked(fd: int, path: Path) -> None:
+    """Zero the replaced file when another hard link keeps it: no older device key may
+    survive on disk (SPEC §1). Unlinked (the usual case), it is gone with its name; not
+    replaced (the write failed), it is still the keystore and is left alone."""
+    try:
+        info = os.fstat(fd)
+        try:
+            current = os.lstat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if info.st_nlink > 0 and current != info.st_ino:
+            os.pwrite(fd, bytes(info.st_size), 0)
+            os.fsync(fd)
+            emit(
+                logging.WARNING, "keystore-link-erased", inode=info.st_ino,
+                links=info.st_nlink, why="another name held the replaced keystore: now zeros",
+            )  # fmt: skip
+    except OSError as exc:
+        emit(logging.ERROR, "keystore-link-erase-failed", error=exc.strerror)
+    finally:
+        os.close(fd)

@@ -37,14 +37,31 @@ __all__ = [
 COMPUTER_KEYS_FORMAT: Final = "tvdnet-computer-keys"
 
 
-def check_private(path: Path) -> os.stat_result:
-    """Refuse a key file that is not a regular file or that group or others may read."""
+def check_private(path: Path, *, sole: bool = False) -> os.stat_result:
+    """Refuse a key file that is not a regular file or that group or others may read.
+
+    With `sole`, also one that is a symlink or has other hard links: a file that is
+    rewritten by rename (the bridge's keystore) would leave its older keys under the
+    other name, and a lock beside one name would not stop a second writer at the other.
+    """
     try:
-        info = os.stat(path)
+        info = os.lstat(path) if sole else os.stat(path)
     except FileNotFoundError:
         raise KeyFileError(path, "no such file") from None
     except OSError as exc:
         raise KeyFileError(path, f"cannot stat it ({exc.strerror})") from None
+    if sole and stat.S_ISLNK(info.st_mode):
+        raise KeyFileError(
+            path,
+            f"a symlink (to {os.readlink(path)}): give the file's own path; a rewrite "
+            "would replace the link and leave the older keys in its target",
+        )
+    if sole and stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise KeyFileError(
+            path,
+            f"{info.st_nlink} hard links to it: remove the other names (find / -samefile "
+            f"{path}); each would keep an older key when this one is rewritten",
+        )
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(path, "not a regular file")
     if info.st_mode & 0o077:
