@@ -80,7 +80,7 @@ def test_provision_writes_the_keystore_and_the_exports(
     for vm in ("vm-a", "vm-b"):
         assert os.stat(tmp_path / "out" / "export" / f"{vm}.keys").st_mode & 0o777 == 0o600
     before = tree(tmp_path)
-    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 1
+    assert main(["provision", str(tmp_path / "tvd.toml"), "--out", str(tmp_path / "out")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert tree(tmp_path) == before
     monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", PASSPHRASE)  # read once, then removed
@@ -104,7 +104,7 @@ def test_a_malformed_tvd_file_is_named(
 ) -> None:
     path = tmp_path / "tvd.toml"
     path.write_text(TVD.format(period=30.0).replace('id = "vm-b"', 'id = "vm/b"'))
-    assert main(["provision", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert main(["provision", str(path), "--out", str(tmp_path / "out")]) == 2
     assert f"{path}:9: members[1].id:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -117,7 +117,7 @@ def test_run_refuses_a_keystore_others_can_read(
     keystore = tmp_path / "out" / "keystore.json"
     os.chmod(keystore, 0o644)
     code = main(["run", "--config", str(tmp_path / "tvd.toml"), "--keystore", str(keystore)])
-    assert code == 1 and "lets group or others in" in capsys.readouterr().err
+    assert code == 2 and "lets group or others in" in capsys.readouterr().err
 
 
 def test_run_refuses_a_wrong_passphrase_and_changes_nothing(
@@ -129,7 +129,7 @@ def test_run_refuses_a_wrong_passphrase_and_changes_nothing(
     monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", "not it")
     keystore = tmp_path / "out" / "keystore.json"
     code = main(["run", "--config", str(tmp_path / "tvd.toml"), "--keystore", str(keystore)])
-    assert code == 1 and "wrong passphrase" in capsys.readouterr().err
+    assert code == 2 and "wrong passphrase" in capsys.readouterr().err
     assert tree(tmp_path / "out") == before
 
 
@@ -180,7 +180,7 @@ async def test_status_prints_a_table(
 
 
 def test_status_without_a_bridge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "--control", str(tmp_path / "nothing.sock")]) == 1
+    assert main(["status", "--control", str(tmp_path / "nothing.sock")]) == 2
     assert "nothing answers on" in capsys.readouterr().err
 
 
@@ -317,3 +317,37 @@ async def _read_slowly(bridge: _BigStatus, path: Path) -> None:
         nursery.cancel_scope.cancel()
     answer = json.loads(reply)
     assert answer["ok"] and answer["status"]["vms"] == bridge.vms
+
+
+def _live_unix_socket(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.fspath(path))
+    server.listen()
+    return server
+
+
+@pytest.mark.parametrize("taken", ["channel", "control"])
+def test_a_second_bridge_on_a_live_tvd_refuses_to_start_and_leaves_its_sockets(
+    env: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """Issue 18: a second `run` with the same TVD file and another keystore re-bound the
+    first bridge's key-channel sockets (and deleted them on exit); with the same control
+    socket it ended in a traceback. Now: one line naming the socket, exit 2, and the
+    live sockets untouched."""
+    with short_tmp() as tmp:
+        (tmp / "tvd.toml").write_text(TVD.format(period=30.0))
+        assert main(["provision", str(tmp / "tvd.toml"), "--out", str(tmp / "two")]) == 0
+        monkeypatch.setenv("TVDNET_KEYSTORE_PASSPHRASE", PASSPHRASE)  # provision took it
+        live = tmp / ("a.sock" if taken == "channel" else "control.sock")
+        with _live_unix_socket(live):
+            before = os.stat(live).st_ino
+            code = main([
+                "run", "--config", str(tmp / "tvd.toml"),
+                "--keystore", str(tmp / "two" / "keystore.json"),
+                "--control", str(tmp / "control.sock"),
+            ])  # fmt: skip
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err
+            assert f"another process answers on {live}" in err.strip().splitlines()[-1]
+            assert "event=started" not in err  # refused before it served or rewrote anything
+            assert os.stat(live).st_ino == before  # the first one's socket is still there

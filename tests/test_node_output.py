@@ -42,9 +42,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
     if isinstance(a, dict):
-        return (
-            isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-        )
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 

@@ -14,7 +14,8 @@ from typing import Any, Final
 
 import trio
 
-from tvdnet.control import control_request
+from tvdnet.control import answers, control_request
+from tvdnet.core.errors import single_error
 
 from . import __version__
 from ._config import TvdConfig, load_config
@@ -27,11 +28,12 @@ from ._metrics import start_metrics
 from ._passphrase import read_passphrase
 from ._provision import check_targets, provision
 from .constants import KEYSTORE_SCRYPT_N
-from .errors import BridgeError, TvdnetError
+from .errors import BridgeError, ControlError, TvdnetError
 
 # Tests only: a cheaper scrypt, recorded in the file's kdf parameters (never for real use).
 SCRYPT_N_ENV: Final = "TVDNET_KEYSTORE_SCRYPT_N"
-EXIT_ERROR: Final = 1
+# Bad input or environment (a file, a keystore, a socket): the node's convention too.
+EXIT_ERROR: Final = 2
 
 
 def _scrypt_n() -> int:
@@ -148,7 +150,12 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(level: str) -> None:
+    """One handler on the stderr of this call (a `run` in a process that ran one before,
+    as tests do, must not keep writing to an earlier, closed stream)."""
+    for old in [h for h in logger.handlers if getattr(h, "_tvdnet_cli", False)]:
+        logger.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler._tvdnet_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
@@ -185,6 +192,11 @@ async def _handle_signals(bridge: Bridge, cancel: trio.CancelScope) -> None:
 
 
 async def _serve(args: argparse.Namespace, config: TvdConfig, keystore: Keystore) -> None:
+    control = args.control or default_control_path()
+    if await answers(control):
+        # Before the bridge starts anything: a second bridge must not serve (or rewrite
+        # its keystore) while it cannot be told anything.
+        raise ControlError(f"another process answers on {control}; is a bridge already running?")
     async with open_bridge(
         config,
         keystore.device_keys,
@@ -196,7 +208,7 @@ async def _serve(args: argparse.Namespace, config: TvdConfig, keystore: Keystore
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, bridge, nursery.cancel_scope)
-                await nursery.start(serve_control, bridge, args.control or default_control_path())
+                await nursery.start(serve_control, bridge, control)
         finally:
             if metrics is not None:
                 with trio.CancelScope(shield=True):
@@ -302,8 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"provision": _provision, "run": _run, "status": _control, "reload": _control}
     try:
         return handlers[args.command](args)
-    except TvdnetError as exc:
-        print(f"tvdnet-bridge {args.command}: {exc}", file=sys.stderr)
+    except (TvdnetError, BaseExceptionGroup) as exc:
+        error = single_error(exc)
+        if error is None:
+            raise
+        print(f"tvdnet-bridge {args.command}: {error}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from tvdnet import WallClock, channel
+from tvdnet.control import answers
 from tvdnet.core.channel import Member
 from tvdnet.core.errors import NoSuchPeriod
 from tvdnet.core.scheme import DeviceKeys, Schedule
@@ -40,7 +41,7 @@ from ._log import emit, logger
 from ._retry import Backoff
 from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
-from ._transports import CdromSwap, development_reason
+from ._transports import CdromSwap, UnixListen, development_reason
 from ._watchdog import WriteWatchdog
 from ._worker import CdromWorker, ChannelWorker, VmStatus, Worker
 from .constants import (
@@ -211,6 +212,16 @@ class Bridge:
                     f"members[{i}].id",
                     f"{member.id!r} is not in the keystore: a new member needs device keys and "
                     "a computer-key file; run `tvdnet-bridge provision` (SPEC §6)",
+                )
+        for i, member in enumerate(self.config.members):
+            channel = member.channel
+            if isinstance(channel, UnixListen) and await answers(channel.path):
+                # Issue 18: a second bridge on the same TVD file (another keystore) would
+                # otherwise run beside the first, serving nothing.
+                raise self.config.error(
+                    f"members[{i}].channel",
+                    f"another process answers on {channel.path}: is a bridge already "
+                    "serving this TVD? Stop it first, or give this one other channel paths",
                 )
         keys = self._keys
         before = keys.period

@@ -26,7 +26,7 @@ from ._clock import WallClock
 from ._node import open_node
 from .config import NodeConfig
 from .control import control_request
-from .core.errors import TvdnetError
+from .core.errors import TvdnetError, single_error
 from .core.events import Message
 from .core.jsonform import to_json
 
@@ -154,8 +154,11 @@ def _node_command(args: argparse.Namespace) -> int:
         if args.control is not None:
             config = NodeConfig(**{**_fields(config), "control_socket": args.control})
         trio.run(_run_node, config)
-    except TvdnetError as exc:
-        print(f"tvdnet: {exc}", file=sys.stderr)
+    except (TvdnetError, BaseExceptionGroup) as exc:
+        error = single_error(exc)
+        if error is None:
+            raise
+        print(f"tvdnet: {error}", file=sys.stderr)
         return 2
     return 0
 

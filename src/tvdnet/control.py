@@ -37,6 +37,7 @@ from .core.errors import ControlError, TvdnetError
 __all__ = [
     "REQUEST_LIMIT",
     "Handler",
+    "answers",
     "bind_owner_only",
     "control_request",
     "open_owner_only_listener",
@@ -104,7 +105,7 @@ async def open_owner_only_listener(
     else:
         if not stat.S_ISSOCK(info.st_mode):
             raise ControlError(f"{path} exists and is not a socket; it is not ours to replace")
-        if await _answers(path):
+        if await answers(path):
             raise ControlError(f"another process answers on {path}; is it already running?")
         path.unlink(missing_ok=True)  # left by a server that is gone
     try:
@@ -263,7 +264,8 @@ async def control_request(
     return answer
 
 
-async def _answers(path: Path) -> bool:
+async def answers(path: os.PathLike[str] | str) -> bool:
+    """Whether a live server accepts connections on the Unix socket at `path`."""
     try:
         probe = await trio.open_unix_socket(os.fspath(path))
     except OSError:

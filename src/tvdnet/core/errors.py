@@ -143,3 +143,19 @@ class BroadcastFailed(TvdnetError):
         names = ", ".join(sorted(failures))
         super().__init__(f"{len(failures)} peer(s) did not acknowledge: {names}")
         self.failures = failures
+
+
+def single_error(exc: BaseException) -> TvdnetError | None:
+    """The TvdnetError that `exc` is or, for an exception group (what a trio nursery
+    raises), the first of its leaves when every leaf is one; None otherwise. A command
+    line tool prints it as one line instead of a traceback."""
+    if isinstance(exc, TvdnetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(TvdnetError)
+        while rest is None and matched is not None:
+            first = matched.exceptions[0]
+            if isinstance(first, TvdnetError):
+                return first
+            matched = first if isinstance(first, BaseExceptionGroup) else None
+    return None
