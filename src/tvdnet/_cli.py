@@ -9,8 +9,10 @@ imports them; where the tools are not installed (a VM), the command says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from ._clock import WallClock
 from ._node import open_node
 from .config import NodeConfig
 from .control import control_request
-from .core.errors import TvdnetError, single_error
+from .core.errors import ControlError, TvdnetError, single_error
 from .core.events import Message
 from .core.jsonform import to_json
 
@@ -60,7 +62,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     send.add_argument("--control", type=Path, required=True, help="the node's control socket")
     send.add_argument("peer", help="the member to send to")
     send.add_argument("text", help="the message (sent as a msgpack string)")
-    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument(
+        "--timeout",
+        type=_seconds,
+        help="seconds to wait for the peer's acknowledgement (default: the node's "
+        "send_timeout); the message stays queued in the node after a timeout",
+    )
 
     node.set_defaults(handler=_node_command)
     status.set_defaults(handler=_status_command)
@@ -129,11 +136,23 @@ def received_line(vm: str, message: Message) -> str:
     return json.dumps(line, allow_nan=False)
 
 
-def _control(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+def _seconds(text: str) -> float:
     try:
-        return trio.run(control_request, path, request)
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _control(path: Path, request: dict[str, Any], *, wait: float = 60.0) -> dict[str, Any]:
+    """One request to the node's control socket; ControlError (printed by `main` as one
+    line, exit 2) when nothing answers, the answer is late, cut short or not JSON."""
+    try:
+        return trio.run(functools.partial(control_request, path, request, timeout=wait))
     except OSError as exc:
-        raise SystemExit(f"tvdnet: {path}: cannot reach the node ({exc.strerror or exc})") from None
+        raise ControlError(f"{path}: cannot reach the node ({exc.strerror or exc})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except (TvdnetError, BaseExceptionGroup) as exc:
+        error = single_error(exc)
+        if error is None:
+            raise
+        print(f"tvdnet {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _node_command(args: argparse.Namespace) -> int:
@@ -158,7 +186,7 @@ def _node_command(args: argparse.Namespace) -> int:
         error = single_error(exc)
         if error is None:
             raise
-        print(f"tvdnet: {error}", file=sys.stderr)
+        print(f"tvdnet: {error}", file=sys.stderr)  # the file's name says which command
         return 2
     return 0
 
@@ -169,13 +197,17 @@ def _status_command(args: argparse.Namespace) -> int:
 
 
 def _send_command(args: argparse.Namespace) -> int:
-    reply = _control(
-        args.control,
-        {"command": "send", "peer": args.peer, "body": args.text, "timeout": args.timeout},
-    )
+    request: dict[str, Any] = {"command": "send", "peer": args.peer, "body": args.text}
+    if args.timeout is not None:
+        request["timeout"] = args.timeout
+    # The node answers when the peer acknowledges or its send timeout ends: wait for that
+    # (its own send_timeout is not known here when --timeout is not given).
+    wait = args.timeout + 30.0 if args.timeout is not None else math.inf
+    reply = _control(args.control, request, wait=wait)
     if not reply.get("ok"):
-        print(f"tvdnet: {reply.get('type')}: {reply.get('error')}", file=sys.stderr)
-        return 1
+        print(f"tvdnet send: {reply.get('type')}: {reply.get('error')}", file=sys.stderr)
+        return 2
+    print(f"sent to {args.peer}: acknowledged")
     return 0
 
 

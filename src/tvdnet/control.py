@@ -151,10 +151,22 @@ async def _serve_client(stream: trio.SocketStream, handle: Handler) -> None:
                 return
             if isinstance(line, dict):  # the request was refused before it was read whole
                 await _write_reply(stream, line)
+                await _discard_rest(stream)
                 return
             reply = await _answer(line, handle)
             if not await _write_reply(stream, reply):
                 return
+
+
+async def _discard_rest(stream: trio.SocketStream) -> None:
+    """After refusing a request that is still arriving: say no more, and read (and drop)
+    what the client still sends, for IO_TIMEOUT at most, so that it finishes sending and
+    reads the refusal (closing with unread bytes would reset the connection and lose it)."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_eof()
+        with trio.move_on_after(IO_TIMEOUT):
+            while await stream.receive_some(1 << 16):
+                pass
 
 
 async def _read_request(
@@ -222,6 +234,12 @@ async def control_request(
     `timeout`, the answer was cut short, or it is not a JSON object.
     """
     path = Path(path)
+    line = json.dumps(request).encode() + b"\n"
+    if len(line) > REQUEST_LIMIT:
+        raise ControlError(
+            f"{path}: the request is {len(line)} bytes, over the {REQUEST_LIMIT}-byte limit "
+            "of a control request"
+        )
     try:
         stream = await trio.open_unix_socket(os.fspath(path))
     except OSError as exc:
@@ -233,7 +251,7 @@ async def control_request(
     async with stream:
         with trio.move_on_after(timeout) as scope:
             try:
-                await stream.send_all(json.dumps(request).encode() + b"\n")
+                await stream.send_all(line)
                 while b"\n" not in reply:
                     data = await stream.receive_some(1 << 16)
                     if not data:
