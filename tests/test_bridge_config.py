@@ -95,6 +95,13 @@ def test_a_syntax_error_names_its_line(tmp_path: Path) -> None:
         (('address = "127.0.0.1:7002"', 'address = "127.0.0.1:7001"'), 10,
          "members[1].address", "already the address"),
         (("period_seconds = 30.0", "period_seconds = -1"), 2, "period_seconds", "> 0"),
+        # Absurd periods (issue 18): provisioned, then ended at once or logged 1,000 lines/s.
+        (("period_seconds = 30.0", "period_seconds = 1e-300"), 2, "period_seconds",
+         "1e-300 s is outside 0.5 s to 3.16224e+07 s"),
+        (("period_seconds = 30.0", "period_seconds = 0.001"), 2, "period_seconds", "outside"),
+        (("period_seconds = 30.0", "period_seconds = 1e9"), 2, "period_seconds", "outside"),
+        (('channel = "pty:/dev/pts/9"', 'channel = "unix:/run/a\\u0000b"'), 11,
+         "members[1].channel", "NUL byte"),
         (("period_seconds = 30.0", 'period_seconds = "30"'), 2, "period_seconds", "number"),
         (("periods = 100", "periods = 1.5"), 3, "periods", "integer"),
         (('tvd = "demo"', 'tvd = "demo!"'), 1, "tvd", "[A-Za-z0-9._-]"),

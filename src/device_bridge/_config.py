@@ -43,6 +43,7 @@ from ._transports import (
     UnixListen,
     parse_channel,
 )
+from .constants import MAX_PERIOD_S, MIN_PERIOD_S
 from .errors import ConfigError
 
 __all__ = ["MemberConfig", "TvdConfig", "load_config"]
@@ -148,6 +149,14 @@ def _check_semantics(config: TvdConfig) -> None:
     period_s = config.period_seconds
     if type(period_s) not in (int, float) or not math.isfinite(period_s) or period_s <= 0:
         raise fail("period_seconds", "must be a number of seconds > 0")
+    if not MIN_PERIOD_S <= period_s <= MAX_PERIOD_S:
+        # Shorter: the bridge and every node would spend the period on key updates (and
+        # log every one); longer: a key stolen once would serve for more than a year.
+        raise fail(
+            "period_seconds",
+            f"{period_s:g} s is outside {MIN_PERIOD_S:g} s to {MAX_PERIOD_S:g} s "
+            "(a period is how long one key serves)",
+        )
     if type(config.periods) is not int or not 1 <= config.periods < _U64_LIMIT:
         raise fail("periods", "must be an integer >= 1")
     epoch = config.epoch

@@ -181,6 +181,8 @@ def is_loopback(host: str) -> bool:
 def _unix_path(text: str) -> Path:
     if not text:
         raise ValueError("needs a path")
+    if "\0" in text:
+        raise ValueError("a socket path cannot hold a NUL byte")
     if len(os.fsencode(text)) > _UNIX_PATH_MAX:
         raise ValueError(f"a Unix socket path may have at most {_UNIX_PATH_MAX} bytes")
     return Path(text)
@@ -206,6 +208,8 @@ def parse_channel(text: str) -> ChannelSpec:
         case "pty" | "serial":
             if not rest.startswith("/"):
                 raise ValueError(f"{kind}: needs an absolute device path")
+            if "\0" in rest:
+                raise ValueError(f"{kind}: a device path cannot hold a NUL byte")
             return SerialLine(kind, Path(rest))
         case "tcp" | "tcp-listen":
             return TcpListen(*_loopback(rest))

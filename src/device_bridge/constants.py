@@ -30,3 +30,9 @@ KEYSTORE_SCRYPT_N: Final = 1 << 15
 KEYSTORE_SCRYPT_R: Final = 8
 KEYSTORE_SCRYPT_P: Final = 1
 KEYSTORE_SCRYPT_MAXMEM: Final = 1 << 30  # refuse a keystore whose kdf asks for more memory
+
+# The bounds of a TVD's period_seconds (docs/bridge.md): below, key updates would fill the
+# period (the bridge pushes every VM's, each node derives and logs); above, one key would
+# serve for over a year.
+MIN_PERIOD_S: Final = 0.5
+MAX_PERIOD_S: Final = 366 * 86400.0

@@ -23,6 +23,7 @@ Relative paths are relative to the TOML file. Key channels:
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .core.channel import parse_address
-from .core.constants import SKEW_ALLOWANCE
+from .core.constants import MAX_ALLOWANCE, MAX_SEND_TIMEOUT, SKEW_ALLOWANCE
 from .core.errors import ConfigError
 
 __all__ = ["ConfigError", "KeyChannelSpec", "NodeConfig", "read_toml"]
@@ -97,10 +98,20 @@ class NodeConfig:
             parse_address(self.listen, any_port=True)
         except ValueError as exc:
             raise ConfigError(source, None, "listen", str(exc)) from None
-        for name in ("skew_allowance", "send_timeout"):
+        for name, most in (("skew_allowance", MAX_ALLOWANCE), ("send_timeout", MAX_SEND_TIMEOUT)):
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
                 raise ConfigError(source, None, name, "must be a number >= 0")
+            if value > most:
+                raise ConfigError(
+                    source, None, name, f"{value:g} s is over the {most:g} s this setting allows"
+                )
+        for name in ("key_file", "control_socket"):
+            value = getattr(self, name)
+            if value is not None and "\0" in os.fspath(value):
+                raise ConfigError(source, None, name, "a path cannot hold a NUL byte")
+        if "\0" in self.key_channel.target:
+            raise ConfigError(source, None, "key_channel", "cannot hold a NUL byte")
         for name in ("max_unauthenticated", "inbox_size"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

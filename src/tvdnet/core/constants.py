@@ -20,6 +20,11 @@ PLAINTEXT_LIMIT: Final = FRAME_LIMIT - 41
 TAG_LEN: Final = 16
 
 SKEW_ALLOWANCE: Final = 2.0  # SPEC §4: default clock-skew allowance, seconds
+# Policy bounds of a node's settings (docs/configuration.md): clocks synchronised by NTP
+# differ by milliseconds, and an allowance is also how long an ended key keeps working;
+# a send that waits over a day for its acknowledgement is a mistake, not a wait.
+MAX_ALLOWANCE: Final = 600.0
+MAX_SEND_TIMEOUT: Final = 86400.0
 
 # SPEC §4 asks for an ACK within 100 ms of any MSG: the session ACKs at once, and under
 # load the ACK rides in the next frame the writer seals anyway.
