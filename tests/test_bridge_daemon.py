@@ -7,6 +7,7 @@ formulas (`bridge_fakes.Reference`), never taken from the bridge.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import socket
@@ -526,6 +527,28 @@ async def test_reload_removes_a_member_and_tells_the_others(
             update = guests["vm-a"].updates()[-1].message
             assert update.t == 4 and list(update.partials) == ["vm-b"]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_names_each_address_it_changed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 18: a reload after an address change printed "moved none" and did not name
+    the change."""
+    provisioning = generate("test-tvd", IDS)
+    keys = provisioning.for_bridge(1)
+    config, _ports = stream_config(IDS)
+    async with open_bridge(config, keys, clock=clock_at(start_of(3) + 1)) as bridge:
+        members = [
+            dataclasses.replace(m, address="127.0.0.1:7999") if m.id == "vm-b" else m
+            for m in config.members
+        ]
+        old = next(m.address for m in config.members if m.id == "vm-b")
+        result = await bridge.reload(TvdConfig.for_schedule("test-tvd", SCHEDULE, members))
+        assert result.changes == (("vm-b", "address", old, "127.0.0.1:7999"),)
+        assert result.to_json()["changes"] == [
+            {"vm": "vm-b", "what": "address", "before": old, "after": "127.0.0.1:7999"}
+        ]
+        assert result.moved == () and set(result.told) == set(IDS)
 
 
 def test_all_partials_is_partials_for_of_every_member() -> None:

@@ -171,6 +171,30 @@ def test_a_failed_keystore_write_leaves_no_export_behind(
     assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
 
 
+def test_a_full_disk_names_the_file_it_could_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: provision onto a full disk said `cannot write None` (write(2)'s error
+    names no file)."""
+    written: list[Path] = []
+
+    def full_after_one(path: Path, *args: Any, **kwargs: Any) -> None:
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real(path, *args, **kwargs)
+
+    real = getattr(_provision, "write_computer_keys")  # noqa: B009 -- its name there
+    monkeypatch.setattr(_provision, "write_computer_keys", full_after_one)
+    with pytest.raises(ProvisionError) as caught:
+        run(tmp_path)
+    message = str(caught.value)
+    assert "None" not in message
+    assert message.startswith(f"cannot write {tmp_path}/") and ".keys: No space left" in message
+    assert "nothing was provisioned" in message
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+
+
 def test_a_running_bridge_keeps_its_keystore(tmp_path: Path) -> None:
     result = run(tmp_path)
     keystore = Keystore.load(result.keystore, bytearray(PASSPHRASE))

@@ -240,7 +240,12 @@ async def test_status_and_reload_over_the_control_socket(
             answer = await ask(control, "reload")
             assert answer == {
                 "ok": True,
-                "reload": {"removed": ["vm-c"], "told": ["vm-a", "vm-b"], "moved": []},
+                "reload": {
+                    "removed": ["vm-c"],
+                    "told": ["vm-a", "vm-b"],
+                    "moved": [],
+                    "changes": [],
+                },
             }
             assert bridge.vms == ("vm-a", "vm-b")
             await trio.testing.wait_all_tasks_blocked()

@@ -51,15 +51,27 @@ def test_defaults(tmp_path: Path) -> None:
         ('key_file = "k"\nlisten = "h:1"\nlisten_port = 3\n', "listen_port", "unknown key"),
         ('key_file = "k"\nlisten = \n', "", "TOML syntax"),
         # Absurd values (issue 18): bounds, and NUL bytes in paths.
-        ('key_file = "k"\nlisten = "h:1"\nskew_allowance = 1e9\n', "skew_allowance",
-         "1e+09 s is over the 600 s this setting allows"),
-        ('key_file = "k"\nlisten = "h:1"\nsend_timeout = 1e12\n', "send_timeout",
-         "over the 86400 s"),
+        (
+            'key_file = "k"\nlisten = "h:1"\nskew_allowance = 1e9\n',
+            "skew_allowance",
+            "1e+09 s is over the 600 s this setting allows",
+        ),
+        (
+            'key_file = "k"\nlisten = "h:1"\nsend_timeout = 1e12\n',
+            "send_timeout",
+            "over the 86400 s",
+        ),
         ('key_file = "k\\u0000x"\nlisten = "h:1"\n', "key_file", "NUL byte"),
-        ('key_file = "k"\nlisten = "h:1"\ncontrol_socket = "c\\u0000"\n', "control_socket",
-         "NUL byte"),
-        ('key_file = "k"\nlisten = "h:1"\nkey_channel = "unix:a\\u0000b"\n', "key_channel",
-         "NUL byte"),
+        (
+            'key_file = "k"\nlisten = "h:1"\ncontrol_socket = "c\\u0000"\n',
+            "control_socket",
+            "NUL byte",
+        ),
+        (
+            'key_file = "k"\nlisten = "h:1"\nkey_channel = "unix:a\\u0000b"\n',
+            "key_channel",
+            "NUL byte",
+        ),
     ],
 )
 def test_bad_configs_name_the_file_and_the_key(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,25 @@ async def test_two_nodes_exchange_messages(tmp_path: Path, clock: trio.testing.M
         assert (await a.receive()).body == "hi"
         assert a.stats["sent"] == 1
         assert b.stats["delivered"] == 1
+
+
+async def test_a_node_stopping_with_messages_queued_says_how_many(
+    tmp_path: Path, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18: stopping said nothing of the messages that are lost with the process."""
+    h = Harness(tmp_path, ["vm-a", "vm-b", "vm-c"], external=("vm-b", "vm-c"))
+    async with h.running():
+        await h.wait_keys()
+        a = h.nodes["vm-a"]
+        async with trio.open_nursery() as nursery:  # vm-b and vm-c never run: no ACK comes
+            for peer, count in (("vm-b", 2), ("vm-c", 1)):
+                for i in range(count):
+                    nursery.start_soon(functools.partial(a.send, peer, i, timeout=math.inf))
+            await trio.sleep(1)
+            assert a.unacknowledged() == 3
+            nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert "event=stopped-with-unacknowledged vm=vm-a messages=3 peers=vm-b:2,vm-c:1" in lines
 
 
 async def test_send_to_a_stranger_is_refused(tmp_path: Path, clock: trio.testing.MockClock) -> None:

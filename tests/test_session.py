@@ -664,3 +664,27 @@ def test_session_repr_and_stats_hold_no_key_material(tvd: Tvd) -> None:
     assert key not in repr(a)
     assert key not in repr(a.stats)
     assert key not in repr(a.peer_status("vm-b"))
+
+
+def test_keys_that_disagree_are_named_on_both_sides() -> None:
+    """Issue 18: a computer key with one flipped digit gave `auth-failure` on one side and
+    nothing on the other. Now the refusing side says the keys may disagree and what to
+    check, and the side that was hung up on says so too."""
+    tvd = Tvd(["vm-a", "vm-b"])
+    a = tvd.session("vm-a")
+    b = tvd.session("vm-b")
+    key = b._computer_keys.get("vm-a")
+    assert key is not None
+    key[0] ^= 0x01  # one flipped bit in vm-b's computer key of the pair
+    tvd.update_all(1, mid(1))
+    link = Link(a, b, mid(1))
+    link.pump(mid(1))
+    refused = [e for s in (a, b) for e in events(s) if isinstance(e, Refused)]
+    failure = next(e for e in refused if e.cause == "auth-failure")
+    assert "keys that disagree" in failure.detail
+    assert "same provisioning" in failure.detail
+    # The side that was hung up on learns it when its connection ends (EOF here).
+    (closed,) = [e for e in refused if e.cause == "closed-unauthenticated"]
+    assert closed.peer != failure.peer
+    assert "the pair's keys disagree" in closed.detail
+    assert key.hex() not in failure.detail + closed.detail

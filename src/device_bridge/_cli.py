@@ -296,11 +296,16 @@ def _control(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.command == "reload":
         result = answer["reload"]
+        changes = [
+            f"{c['vm']} {c['what']} {c['before']} -> {c['after']}"
+            for c in result.get("changes", [])
+        ]
         print(
             "reloaded: removed "
             + (", ".join(result["removed"]) or "none")
-            + f"; {len(result['told'])} VMs told the new members; moved "
-            + (", ".join(result["moved"]) or "none")
+            + "; changed "
+            + ("; ".join(changes) or "nothing")
+            + f"; {len(result['told'])} VMs told the new members"
         )
     elif args.json:
         print(json.dumps(answer["status"], indent=1))

@@ -87,9 +87,19 @@ class ReloadResult:
     removed: tuple[str, ...] = ()
     told: tuple[str, ...] = ()  # VMs that were sent `members` and the current update
     moved: tuple[str, ...] = ()  # VMs whose channel changed
+    # (vm, what, before, after) for each address or channel that changed
+    changes: tuple[tuple[str, str, str, str], ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {"removed": list(self.removed), "told": list(self.told), "moved": list(self.moved)}
+        return {
+            "removed": list(self.removed),
+            "told": list(self.told),
+            "moved": list(self.moved),
+            "changes": [
+                {"vm": vm, "what": what, "before": before, "after": after}
+                for vm, what, before, after in self.changes
+            ],
+        }
 
 
 @dataclass(slots=True)
@@ -479,6 +489,16 @@ class Bridge:
             dropped = self._drop_keys(vm)
             self._rollouts.forget(vm)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
+        before = {member.id: member for member in self.config.members}
+        changes = tuple(
+            (member.id, what, str(old), str(new))
+            for member in config.members
+            for what, old, new in (
+                ("address", before[member.id].address, member.address),
+                ("channel", before[member.id].channel, member.channel),
+            )
+            if old != new
+        )
         old_members, self.config = self._members, config
         self._members = self._member_lists()
         self._records()
@@ -507,7 +527,7 @@ class Bridge:
                 if isinstance(worker, ChannelWorker):
                     worker.channel.set_welcome(self._welcome(vm))
         self._mark_keystore_dirty()
-        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved))
+        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved), changes)
         emit(
             logging.INFO,
             "reloaded",

@@ -96,11 +96,13 @@ def provision(
         scrypt_n=scrypt_n,
     )
     created: list[Path] = []
+    writing = keystore_path  # the file being written, for an error without a file name
     try:
         # A bridge running on this keystore would overwrite new keys with its old ones.
         keystore.lock()
         for vm, path in exports.items():
             existed = os.path.lexists(path)
+            writing = path
             computer_keys = provisioning.for_vm(vm)
             try:
                 write_computer_keys(path, computer_keys, schedule, overwrite=force)
@@ -109,6 +111,7 @@ def provision(
             if not existed:
                 created.append(path)
         existed = os.path.lexists(keystore_path)
+        writing = keystore_path
         keystore.save(overwrite=force)  # last: without it the exports are useless
         if not existed:
             created.append(keystore_path)
@@ -119,7 +122,11 @@ def provision(
         if isinstance(exc, KeystoreError):
             raise ProvisionError(str(exc)) from None
         if isinstance(exc, OSError):
-            raise ProvisionError(f"cannot write {exc.filename}: {exc.strerror}") from None
+            # A full disk fails in write(2), whose error names no file: say which one.
+            raise ProvisionError(
+                f"cannot write {exc.filename or writing}: {exc.strerror or exc}; nothing "
+                "was provisioned (the files this run created were removed)"
+            ) from None
         raise
     finally:
         keystore.close()

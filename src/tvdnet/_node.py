@@ -740,6 +740,22 @@ def _source_of(stream: trio.SocketStream) -> str:
     return str(ip)
 
 
+def _log_unacknowledged(node: Node) -> None:
+    """A node stopping with messages its peers have not acknowledged says how many and to
+    whom: they are lost with the process (SPEC §4: the sender keeps them, in memory)."""
+    waiting = {peer: node.unacknowledged(peer) for peer in node.peers}
+    waiting = {peer: n for peer, n in waiting.items() if n}
+    if waiting:
+        logger.warning(
+            "event=stopped-with-unacknowledged vm=%s messages=%d peers=%s",
+            node.vm,
+            sum(waiting.values()),
+            ",".join(f"{peer}:{n}" for peer, n in sorted(waiting.items())),
+        )
+    else:
+        logger.info("event=stopped vm=%s unacknowledged=0", node.vm)
+
+
 async def _listen(config: NodeConfig) -> list[trio.SocketListener]:
     """The node's listening sockets; an address it cannot listen on is the operator's
     mistake, said in one line that names the file and the key (ConfigError)."""
@@ -824,5 +840,6 @@ async def open_node(
             yield node
         finally:
             nursery.cancel_scope.cancel()
+            _log_unacknowledged(node)
             keys.erase()
             session.erase_all_keys()

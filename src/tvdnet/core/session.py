@@ -86,6 +86,7 @@ from .timers import Timers
 __all__ = ["ConnectionState", "Session"]
 
 _AUTH_FAILURE: Final = "auth-failure"
+_CLOSED_UNAUTHENTICATED: Final = "closed-unauthenticated"
 _MSG_HEADER: Final = msgpack.packb([frames.MSG, 0, None])[:2]  # fixarray(3), kind 0
 _EXPIRED: Final = "expired"
 _UNKNOWN: Final = "unknown"
@@ -661,6 +662,24 @@ class Session:
         """The byte stream ended or broke; the session forgets the connection."""
         conn = self._conns.get(conn_id)
         if conn is not None:
+            if (
+                conn.state is ConnectionState.OPEN
+                and not conn.authenticated
+                and conn.send_n > 0
+                and conn.peer is not None
+            ):
+                # The peer hung up on our first frames without sending one that
+                # authenticates: what it does on an authentication failure (SPEC §4: no
+                # REJECT), so the only sign on this side of keys that disagree.
+                self.stats["closed_unauthenticated"] += 1
+                self._events.append(
+                    Refused(
+                        conn.id, conn.peer, _CLOSED_UNAUTHENTICATED,
+                        f"{conn.peer} closed the connection before any of its frames "
+                        f"authenticated; if it repeats, {conn.peer} likely refused ours "
+                        "(auth-failure in its log): the pair's keys disagree",
+                    )
+                )  # fmt: skip
             if conn.state is not ConnectionState.CLOSING:
                 self._detach(conn, now)
             self._forget_connection(conn)
@@ -764,7 +783,15 @@ class Session:
             )
         except InvalidTag:
             self.stats["auth_failures"] += 1
-            self._events.append(Refused(conn.id, peer.id, _AUTH_FAILURE, f"DATA frame {n}"))
+            self._events.append(
+                Refused(
+                    conn.id, peer.id, _AUTH_FAILURE,
+                    f"DATA frame {n} under period {t} did not authenticate: a sender without "
+                    f"the pair's key, or keys that disagree. If it repeats with the real "
+                    f"{peer.id}: the computer-key files of {self.me} and {peer.id} and the "
+                    "bridge's keystore must come from the same provisioning",
+                )
+            )  # fmt: skip
             self._abort(conn, now)
             return
         conn.last_auth_recv = now
