@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -164,15 +165,14 @@ async def _hub_node(
     await _node(config, clock, ready, task_status=task_status)
 
 
-def measure(vms: int, periods: int) -> dict[str, Any]:
-    tally = Tally(set())
+def _counted(run: Callable[..., Awaitable[Any]], tally: Tally | DataTally, *args: Any) -> Any:
+    """`run(*args, tally, directory)` under MockClock, with `tally` counting steps and calls."""
     with tempfile.TemporaryDirectory(prefix="tvdsteps") as directory:
         sys.setprofile(tally.profile)
         try:
-            trio.run(
-                _run,
-                vms,
-                periods,
+            return trio.run(
+                run,
+                *args,
                 tally,
                 Path(directory),
                 clock=trio.testing.MockClock(autojump_threshold=0),
@@ -180,6 +180,11 @@ def measure(vms: int, periods: int) -> dict[str, Any]:
             )
         finally:
             sys.setprofile(None)
+
+
+def measure(vms: int, periods: int) -> dict[str, Any]:
+    tally = Tally(set())
+    _counted(_run, tally, vms, periods)
     peers = vms - 1
     per = {"bridge": vms * periods, "peer": peers * periods, HUB: peers * periods}
     return {
@@ -252,20 +257,8 @@ async def _data_run(messages: int, tally: DataTally, directory: Path) -> dict[st
 
 
 def measure_data(messages: int) -> dict[str, Any]:
-    tally = DataTally()
-    with tempfile.TemporaryDirectory(prefix="tvdsteps") as directory:
-        sys.setprofile(tally.profile)
-        try:
-            return trio.run(
-                _data_run,
-                messages,
-                tally,
-                Path(directory),
-                clock=trio.testing.MockClock(autojump_threshold=0),
-                instruments=[tally],
-            )
-        finally:
-            sys.setprofile(None)
+    result: dict[str, Any] = _counted(_data_run, DataTally(), messages)
+    return result
 
 
 def main() -> None:
