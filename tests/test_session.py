@@ -688,3 +688,30 @@ def test_keys_that_disagree_are_named_on_both_sides() -> None:
     assert closed.peer != failure.peer
     assert "the pair's keys disagree" in closed.detail
     assert key.hex() not in failure.detail + closed.detail
+
+
+def test_a_peer_removed_and_added_back_resumes_its_numberings(tvd: Tvd) -> None:
+    """A `members` message removes vm-b, a later one adds it back, while both processes
+    run (vm-b was never told: its bridge closed its channel). vm-a forgot vm-b's keys,
+    connections and queue, not how far each side had delivered: nothing new is taken for
+    a duplicate, nothing waits for a number never sent (found by a hostile-client test)."""
+    a, b, link = opened(tvd, t=1)
+    now = mid(1)
+    for i in range(3):
+        a.send("vm-b", f"a{i}", now)
+        b.send("vm-a", f"b{i}", now)
+    link.pump(now)
+    assert len(received(b)) == 3 and len(received(a)) == 3
+    a.set_members(["vm-a"], now)
+    link.pump(now)
+    a.set_members(["vm-a", "vm-b"], now)
+    tvd.update("vm-a", 1, now)
+    events(a)
+    back = Link(a, b, now)
+    a.send("vm-b", "a-after", now)
+    b.send("vm-a", "b-after", now)
+    back.pump(now)
+    assert [body for _, _, body in received(b)] == ["a-after"]
+    assert [body for _, _, body in received(a)] == ["b-after"]
+    assert a.unacknowledged("vm-b") == b.unacknowledged("vm-a") == 0
+    assert b.stats["duplicates"] == 0

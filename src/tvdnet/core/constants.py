@@ -54,6 +54,7 @@ SEND_WINDOW_BYTES: Final = 8 << 20  # unacknowledged packed bytes per peer
 MAX_UNAUTHENTICATED: Final = 64
 KEPT_INSTANCES: Final = 8  # SPEC §4: numberings kept of peer instances no longer current
 FORGOTTEN_INSTANCES: Final = 64  # evicted ones whose delivered count is still remembered
+DEPARTED_PEERS: Final = 256  # removed peers whose delivered counts are kept, should they return
 
 CHANNEL_LIMIT: Final = 1 << 20  # key-channel message size limit (policy, like FRAME_LIMIT)
 CHANNEL_HELLO_RETRY: Final = 1.0  # SPEC §5: the node re-sends hello every 1 s

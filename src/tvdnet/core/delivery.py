@@ -212,12 +212,20 @@ class PeerDelivery:
             self.forgotten.popitem(last=False)
         return [n.instance for n in gone]
 
-    def forget(self) -> list[OutMessage]:
-        """Drop everything (the peer left the TVD); returns the undelivered messages."""
+    def forget(self, remember: int) -> list[OutMessage]:
+        """Drop the messages and numberings (the peer left the TVD); returns the
+        undelivered messages. How far each instance had delivered is kept in `forgotten`
+        (the `remember` most recent), as for an evicted numbering: if the peer comes back
+        while both processes still run, each numbering resumes instead of restarting at 1
+        (which would make the peer take new messages for duplicates, SPEC §4)."""
         lost = list(self.waiting())
         self.pending.clear()
         self.pending_count = self.pending_bytes = 0
+        for numbering in sorted(self.numberings.values(), key=lambda n: n.last_auth):
+            self.forgotten[numbering.instance] = numbering.delivered
+            self.forgotten.move_to_end(numbering.instance)
+        while len(self.forgotten) > remember:
+            self.forgotten.popitem(last=False)
         self.numberings.clear()
-        self.forgotten.clear()
         self.current = None
         return lost

@@ -33,7 +33,7 @@ import enum
 import itertools
 import math
 import secrets
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, cast
 
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import frames
 from .constants import (
+    DEPARTED_PEERS,
     DIAL_BACKOFF_INITIAL,
     DIAL_BACKOFF_MAX,
     FORGOTTEN_INSTANCES,
@@ -266,6 +267,7 @@ class Session:
         self._timers = Timers()
         self._ready: set[int] = set()
         self._key_work: dict[str, _Peer] = {}  # new keys whose key change is still to do
+        self._departed: OrderedDict[str, PeerDelivery] = OrderedDict()  # removed peers
         self.stats: Counter[str] = Counter()
         self.set_members(keys.peers if members is None else members, now=-math.inf)
 
@@ -297,7 +299,9 @@ class Session:
         """Replace the member list (SPEC §5 `members`); returns the members without a key.
 
         Removed peers lose their period keys and the number, their connections and their
-        queued messages (each reported as SendFailed); the key file is never touched.
+        queued messages (each reported as SendFailed); the key file is never touched. How
+        far each of their instances had delivered is remembered (DEPARTED_PEERS peers at
+        most), so that one added back resumes its numbering rather than restart it.
         """
         new = set(members)
         new.add(self.me)
@@ -311,7 +315,11 @@ class Session:
                 missing.append(member)
                 continue
             keys = PairKeys(self.tvd, self.me, member, self.schedule, self.allowance)
-            self._peers[member] = _Peer(member, keys)
+            returning = self._peers[member] = _Peer(member, keys)
+            departed = self._departed.pop(member, None)
+            if departed is not None:
+                # Back while both processes run: its instances resume their numberings.
+                returning.delivery = departed
         self._members = new
         return missing
 
@@ -320,8 +328,13 @@ class Session:
         self._key_work.pop(peer.id, None)
         for conn in list(peer.conns):
             self._close(conn, frames.NOT_A_MEMBER, "the peer left the TVD", now)
-        for message in peer.delivery.forget():
+        for message in peer.delivery.forget(FORGOTTEN_INSTANCES):
             self._events.append(SendFailed(peer.id, message.handle, "the peer left the TVD"))
+        # Kept (bounded) in case it is added back while both processes run.
+        self._departed[peer.id] = peer.delivery
+        self._departed.move_to_end(peer.id)
+        while len(self._departed) > DEPARTED_PEERS:
+            self._departed.popitem(last=False)
         for kind in ("resend", "dial", "key"):
             self._timers.cancel(_timer(kind, peer.id))
 
