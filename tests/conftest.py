@@ -1,4 +1,6 @@
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,17 @@ def io_clock() -> trio.testing.MockClock:
     the virtual time honest; the tests stay deterministic in what they assert.
     """
     return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_handlers() -> Iterator[None]:
+    """Tests that run `tvdnet` or `tvdnet-bridge` in-process (`main([...])`) let them set
+    up logging on that test's captured stderr; put the handlers back afterwards, or a
+    later test's log records go to a closed stream ("--- Logging error ---")."""
+    loggers = [logging.getLogger(), logging.getLogger("device_bridge")]
+    saved = [(lg, list(lg.handlers), lg.level) for lg in loggers]
+    yield
+    for lg, handlers, level in saved:
+        for handler in [h for h in lg.handlers if h not in handlers]:
+            lg.removeHandler(handler)
+        lg.setLevel(level)
