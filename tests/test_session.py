@@ -7,6 +7,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import Link, Tvd, connection, events, frames_in, mid, open_frame_as
 from tvdnet import (
@@ -28,6 +30,7 @@ from tvdnet import (
 from tvdnet.core import frames
 from tvdnet.core.constants import FRAME_LIMIT, MESSAGE_LIMIT
 from tvdnet.core.scheme import Schedule
+from tvdnet.core.session import _packed_uint_len
 
 
 def received(session: Session, evs: list[Any] | None = None) -> list[tuple[str, int, Any]]:
@@ -715,3 +718,9 @@ def test_a_peer_removed_and_added_back_resumes_its_numberings(tvd: Tvd) -> None:
     assert [body for _, _, body in received(a)] == ["b-after"]
     assert a.unacknowledged("vm-b") == b.unacknowledged("vm-a") == 0
     assert b.stats["duplicates"] == 0
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_the_message_header_size_is_what_msgpack_packs(seq: int) -> None:
+    """Session.send counts a message's size without packing its number (the data path)."""
+    assert _packed_uint_len(seq) == len(msgpack.packb(seq))

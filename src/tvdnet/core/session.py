@@ -212,6 +212,17 @@ _KEY_WORK: Final = _timer("key-work", 0)
 _GOLDEN: Final = (math.sqrt(5) - 1) / 2
 
 
+def _packed_uint_len(n: int) -> int:
+    """The length of msgpack's encoding of the unsigned integer n (as `pack` makes it)."""
+    if n < 0x80:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    return 5 if n < 0x1_0000_0000 else 9
+
+
 def _key_delay(conn_id: int) -> float:
     """How long after a KEY event this connection's KEY leaves: KEY_DELAY plus one of
     KEY_SLOTS steps across KEY_SPREAD, picked by a low-discrepancy sequence of the
@@ -538,7 +549,7 @@ class Session:
             raise UnknownPeer(peer_id, why)
         delivery = peer.delivery
         if (
-            delivery.unacknowledged() >= self._window_messages
+            delivery.pending_count >= self._window_messages
             or delivery.pending_bytes >= self._window_bytes
         ):
             raise WindowFull(
@@ -550,8 +561,12 @@ class Session:
             raise UnserializableBody(f"msgpack cannot encode the body: {exc}") from None
         # SPEC §4: the packed [0, seq, body], seq the number it takes in the numbering
         # that uses the most digits (a copy goes into each).
-        seq = max((n.next_seq for n in delivery.numberings.values()), default=1)
-        size = len(self._msg_header(seq)) + len(body_packed)
+        numberings = delivery.numberings
+        if len(numberings) == 1:
+            seq = next(iter(numberings.values())).next_seq
+        else:
+            seq = max((n.next_seq for n in numberings.values()), default=1)
+        size = len(_MSG_HEADER) + _packed_uint_len(seq) + len(body_packed)
         if size > MESSAGE_LIMIT:
             raise MessageTooLarge(
                 f"the packed message is {size} bytes; the limit is {MESSAGE_LIMIT}"
