@@ -31,7 +31,7 @@ import trio
 
 from tvdnet import WallClock, channel
 from tvdnet.core.channel import Member
-from tvdnet.streams import fileno_of, receive_some
+from tvdnet.streams import fileno_of, receive_some, write_now
 
 from ._iso import open_qmp, write_update_image
 from ._log import emit
@@ -193,10 +193,7 @@ class ChannelWorker:
             return False
         data = channel.data_to_send()
         t = channel.taken_update
-        try:
-            written = os.write(fd, data)
-        except OSError:  # EAGAIN, or broken: the writer's send_all tells which
-            written = 0
+        written = write_now(fd, data)
         if written < len(data):
             self._leftover = (data[written:], t)
             self._wake.fire()

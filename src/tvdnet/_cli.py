@@ -170,24 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = single_error(exc)
         if error is None:
             raise
-        print(f"tvdnet {args.command}: {error}", file=sys.stderr)
+        # A node's errors name its file, which says which command it was.
+        prefix = "tvdnet" if args.command == "node" else f"tvdnet {args.command}"
+        print(f"{prefix}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
 def _node_command(args: argparse.Namespace) -> int:
-    try:
-        config = NodeConfig.load(args.config)
-        if args.control is not None:
-            config = NodeConfig(**{**_fields(config), "control_socket": args.control})
-        trio.run(_run_node, config)
-    except (TvdnetError, BaseExceptionGroup) as exc:
-        error = single_error(exc)
-        if error is None:
-            raise
-        print(f"tvdnet: {error}", file=sys.stderr)  # the file's name says which command
-        return 2
+    config = NodeConfig.load(args.config)
+    if args.control is not None:
+        config = NodeConfig(**{**_fields(config), "control_socket": args.control})
+    trio.run(_run_node, config)
     return 0
 
 

@@ -63,7 +63,7 @@ from .core.frames import printable
 from .core.session import Session
 from .keychannel import KeyChannelOutput, run_key_channel
 from .keyfile import load_computer_keys
-from .streams import fileno_of, receive_some
+from .streams import fileno_of, receive_some, write_now
 
 __all__ = ["Node", "open_node"]
 
@@ -405,7 +405,7 @@ class Node:
             self._keys_erased = False
             self._check_cut_off()
         deadline = session.next_deadline()
-        if self._clock.trio_time(deadline) < self._timer_at:
+        if self._clock.trio_time(deadline) < self._timer_at:  # inline: every call comes here
             self._arm(deadline)
 
     def _flush(self, conn: int) -> None:
@@ -418,13 +418,7 @@ class Node:
             return  # gone, or its drain task takes what comes next
         data = self._session.data_to_send(conn, self._clock.now())
         if data:
-            fd = self._fds.get(conn)
-            written = 0
-            if fd is not None:
-                try:
-                    written = os.write(fd, data)
-                except OSError:  # EAGAIN, or broken: the drain's send_all tells which
-                    written = 0
+            written = write_now(self._fds.get(conn), data)
             if written < len(data):
                 self._drain_soon(conn, data[written:])
                 return
@@ -484,6 +478,7 @@ class Node:
                 self._flush(conn)
 
     def _arm_trio(self, when: float) -> None:
+        """Wake the timer task by `when` (trio time): moved only when earlier."""
         if when < self._timer_at:
             self._timer_at = when
             if self._timer_scope is not None:
@@ -491,11 +486,7 @@ class Node:
 
     def _arm(self, deadline: float) -> None:
         """Wake the timer task by `deadline` (wall time): moved only when earlier."""
-        when = self._clock.trio_time(deadline)
-        if when < self._timer_at:
-            self._timer_at = when
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = when
+        self._arm_trio(self._clock.trio_time(deadline))
 
     def _dispatch(self, event: ev.Event) -> None:
         if type(event) is ev.Message:
@@ -743,8 +734,7 @@ def _source_of(stream: trio.SocketStream) -> str:
 def _log_unacknowledged(node: Node) -> None:
     """A node stopping with messages its peers have not acknowledged says how many and to
     whom: they are lost with the process (SPEC §4: the sender keeps them, in memory)."""
-    waiting = {peer: node.unacknowledged(peer) for peer in node.peers}
-    waiting = {peer: n for peer, n in waiting.items() if n}
+    waiting = {peer: n for peer in node.peers if (n := node.unacknowledged(peer))}
     if waiting:
         logger.warning(
             "event=stopped-with-unacknowledged vm=%s messages=%d peers=%s",

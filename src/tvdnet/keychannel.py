@@ -17,7 +17,7 @@ from .core.agent import KeyAgent
 from .core.channel import parse_address
 from .core.constants import CHANNEL_HELLO_RETRY
 from .ports import find_virtio_port, open_char_device, open_serial
-from .streams import fileno_of, receive_some
+from .streams import fileno_of, receive_some, write_now
 
 __all__ = ["run_key_channel"]
 
@@ -61,10 +61,7 @@ class KeyChannelOutput:
             self._wakeup.set()
             return
         data = agent.data_to_send()
-        try:
-            written = os.write(self._fd, data)
-        except OSError:  # EAGAIN, or broken: the writer's send_all tells which
-            written = 0
+        written = write_now(self._fd, data)
         if written < len(data):
             self.leftover = data[written:]
             self._wakeup.set()

@@ -10,6 +10,9 @@ others and cancellation arrives as usual.
 
 A stream without a descriptor (a memory stream in a test, a TLS stream) is read through
 its own `receive_some`.
+
+`write_now` is the other half: a write from the task that made the bytes, without a task
+step, that the socket nearly always takes whole; a writer task sends what it leaves.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 
 import trio
 
-__all__ = ["fileno_of", "receive_some"]
+__all__ = ["fileno_of", "receive_some", "write_now"]
 
 
 def fileno_of(stream: trio.abc.Stream) -> int | None:
@@ -44,3 +47,15 @@ async def receive_some(
             return os.read(fd, max_bytes)
         except BlockingIOError:  # another reader of the same file took it (a shared pty)
             continue
+
+
+def write_now(fd: int | None, data: bytes | bytearray) -> int:
+    """Write what the descriptor takes of `data` without waiting; how many bytes it took.
+    0 without a descriptor or on any error (EAGAIN, or broken: the writer task's
+    `send_all` of the rest tells which)."""
+    if fd is None:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:
+        return 0

@@ -19,7 +19,7 @@ Sans-I/O like the Session that drives it: no clock, no sockets.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["Entry", "Numbering", "OutMessage", "PeerDelivery"]
 
@@ -206,11 +206,18 @@ class PeerDelivery:
         gone = [n for i, n in enumerate(others) if i >= at_most or n.last_auth < since]
         for numbering in gone:
             del self.numberings[numbering.instance]
+        self._remember(gone, remember)
+        return [n.instance for n in gone]
+
+    def _remember(self, numberings: Iterable[Numbering], remember: int) -> None:
+        """Keep how far each of `numberings` delivered, filed in the order given (the
+        last counts as the most recent), and of all that are remembered, the `remember`
+        filed last."""
+        for numbering in numberings:
             self.forgotten[numbering.instance] = numbering.delivered
             self.forgotten.move_to_end(numbering.instance)
         while len(self.forgotten) > remember:
             self.forgotten.popitem(last=False)
-        return [n.instance for n in gone]
 
     def forget(self, remember: int) -> list[OutMessage]:
         """Drop the messages and numberings (the peer left the TVD); returns the
@@ -221,11 +228,7 @@ class PeerDelivery:
         lost = list(self.waiting())
         self.pending.clear()
         self.pending_count = self.pending_bytes = 0
-        for numbering in sorted(self.numberings.values(), key=lambda n: n.last_auth):
-            self.forgotten[numbering.instance] = numbering.delivered
-            self.forgotten.move_to_end(numbering.instance)
-        while len(self.forgotten) > remember:
-            self.forgotten.popitem(last=False)
+        self._remember(sorted(self.numberings.values(), key=lambda n: n.last_auth), remember)
         self.numberings.clear()
         self.current = None
         return lost

@@ -151,11 +151,13 @@ def single_error(exc: BaseException) -> TvdnetError | None:
     line tool prints it as one line instead of a traceback."""
     if isinstance(exc, TvdnetError):
         return exc
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(TvdnetError)
-        while rest is None and matched is not None:
-            first = matched.exceptions[0]
-            if isinstance(first, TvdnetError):
-                return first
-            matched = first if isinstance(first, BaseExceptionGroup) else None
-    return None
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    matched, rest = exc.split(TvdnetError)
+    if rest is not None or matched is None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, TvdnetError)  # split() kept only those
+    return leaf
