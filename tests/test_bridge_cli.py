@@ -154,7 +154,7 @@ async def test_status_prints_a_table(
             nursery.cancel_scope.cancel()
     assert code == 0 and json_code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "TVD test-tvd: period 6 of 1000 (10 s); keystore at period -"
+    assert lines[0] == "TVD test-tvd on host local: period 6 of 1000 (10 s); keystore at period -"
     assert lines[1].split() == [
         "VM", "CONNECTED", "STATE", "ACKED", "LAG", "RESENDS", "STUCK", "LATENCY_MS", "CHANNEL"
     ]  # fmt: skip

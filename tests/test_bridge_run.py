@@ -244,6 +244,7 @@ async def test_status_and_reload_over_the_control_socket(
                     "removed": ["vm-c"],
                     "told": ["vm-a", "vm-b"],
                     "moved": [],
+                    "moved_away": [],
                     "changes": [],
                 },
             }

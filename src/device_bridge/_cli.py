@@ -26,7 +26,7 @@ from ._keystore import ENCRYPTED, Keystore, check_scrypt_n
 from ._log import emit, logger
 from ._metrics import start_metrics
 from ._passphrase import read_passphrase
-from ._provision import check_targets, provision
+from ._provision import check_targets, keystore_paths, provision
 from .constants import KEYSTORE_SCRYPT_N
 from .errors import BridgeError, ControlError, TvdnetError
 
@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("provision", help="create the keys of a TVD (G)")
     p.add_argument("tvd_file", type=Path, metavar="TVD.toml")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="write DIR/keystore.json and DIR/export/VM.keys")  # fmt: skip
+                   help="write DIR/keystore.json (a TVD on several hosts: "
+                   "DIR/keystore-HOST.json for each) and DIR/export/VM.keys")  # fmt: skip
     p.add_argument(
-        "--keystore", type=Path, metavar="FILE", help="the keystore (default: DIR/keystore.json)"
-    )
+        "--keystore", type=Path, metavar="FILE",
+        help="the keystore of a TVD on one host (default: DIR/keystore.json)",
+    )  # fmt: skip
     p.add_argument(
         "--export", type=Path, metavar="DIR", help="the computer-key files (default: DIR/export)"
     )
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = commands.add_parser("run", help="serve every VM's key channel")
     r.add_argument("--config", type=Path, required=True, metavar="TVD.toml")
     r.add_argument("--keystore", type=Path, required=True, metavar="FILE")
+    r.add_argument("--host", metavar="HOST",
+                   help="the host whose members to serve (the keystore's)")  # fmt: skip
     r.add_argument("--passphrase-file", type=Path, metavar="FILE")
     r.add_argument("--control", type=Path, metavar="PATH",
                    help=f"the control socket (default: {default_control_path()})")  # fmt: skip
@@ -96,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--control", type=Path, metavar="PATH")
         if name == "status":
             c.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    m = commands.add_parser(
+        "move-out", help="seal a VM's device keys for the host it moves to (SPEC §6)"
+    )
+    m.add_argument("vm", metavar="VM")
+    m.add_argument("--to", required=True, metavar="HOST", help="the host the VM moves to")
+    m.add_argument("--bundle", type=Path, required=True, metavar="FILE",
+                   help="write the bundle here (mode 0600, never over a file)")  # fmt: skip
+    m.add_argument("--control", type=Path, metavar="PATH")
+    i = commands.add_parser("move-in", help="take in a VM's bundle on the host it moves to")
+    i.add_argument("bundle", type=Path, metavar="FILE")
+    i.add_argument("--control", type=Path, metavar="PATH")
     return parser
 
 
@@ -104,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _provision(args: argparse.Namespace) -> int:
     config = load_config(args.tvd_file)
-    keystore = args.keystore or args.out / "keystore.json"
+    keystores: Path | dict[str, Path] = args.keystore or keystore_paths(config, args.out)
     export = args.export or args.out / "export"
-    check_targets(config, keystore, export, force=args.force)  # before asking for a passphrase
+    check_targets(config, keystores, export, force=args.force)  # before asking for a passphrase
     if args.plaintext:
         print(
             "WARNING: --plaintext: the keystore will hold the device keys UNENCRYPTED. "
@@ -119,7 +135,7 @@ def _provision(args: argparse.Namespace) -> int:
     try:
         result = provision(
             config,
-            keystore,
+            keystores,
             export,
             passphrase=passphrase,
             force=args.force,
@@ -134,7 +150,14 @@ def _provision(args: argparse.Namespace) -> int:
         f"{schedule.periods} periods of {schedule.period_s:g} s from epoch {schedule.epoch:.3f}."
     )
     kind = "encrypted" if passphrase is not None else "PLAINTEXT, demo only"
-    print(f"Keystore (device keys dev_{result.t0} only, {kind}): {result.keystore}")
+    if len(result.keystores) == 1:
+        print(f"Keystore (device keys dev_{result.t0} only, {kind}): {result.keystore}")
+    else:
+        print(f"Keystores, one per host (device keys dev_{result.t0} only, {kind}):")
+        for host, path in result.keystores.items():
+            pairs = result.pairs_per_host[host]
+            print(f"  {path}  -> host {host!r}: {pairs} pairs; `tvdnet-bridge run --host {host}`")
+        print("Move each to its host; keep no other copy (SPEC §1, §6).")
     print(f"Computer-key files, one per VM, in {export}:")
     for vm, path in result.exports.items():
         print(f"  {path}  -> move into VM {vm!r} (mode 0600), for its node's key_file")
@@ -201,6 +224,7 @@ async def _serve(args: argparse.Namespace, config: TvdConfig, keystore: Keystore
         config,
         keystore.device_keys,
         keystore=keystore,
+        host=args.host,
         allow_dev_transports=args.allow_dev_transports,
         iso_dir=args.iso_dir,
     ) as bridge:
@@ -241,7 +265,8 @@ def _age(value: Any) -> str:
 def print_status(status: dict[str, Any]) -> None:
     period = status.get("period")
     print(
-        f"TVD {status['tvd']}: period {period if period is not None else '-'} of "
+        f"TVD {status['tvd']} on host {status.get('host', '-')}: period "
+        f"{period if period is not None else '-'} of "
         f"{status['periods']} ({status['period_s']:g} s); keystore at period "
         f"{status.get('keystore_period') or '-'}"
         + (f", {status['keystore_errors']} write errors" if status.get("keystore_errors") else "")
@@ -277,6 +302,9 @@ def print_status(status: dict[str, Any]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+    for vm, hosts in sorted((status.get("pairs_elsewhere") or {}).items()):
+        where = "; ".join(f"{', '.join(peers)} on {host}" for host, peers in sorted(hosts.items()))
+        print(f"{vm}: pairs with {where} (their device keys are on both hosts)")
     updates = status.get("key_updates") or []
     if updates:
         last = updates[-1]
@@ -290,11 +318,31 @@ def print_status(status: dict[str, Any]) -> None:
 
 def _control(args: argparse.Namespace) -> int:
     path = args.control or default_control_path()
-    answer = trio.run(control_request, path, {"command": args.command})
+    request: dict[str, Any] = {"command": args.command}
+    if args.command == "move-out":
+        request.update(vm=args.vm, to=args.to, bundle=str(args.bundle.absolute()))
+    elif args.command == "move-in":
+        request.update(bundle=str(args.bundle.absolute()))
+    answer = trio.run(control_request, path, request)
     if not answer.get("ok"):
         print(f"tvdnet-bridge {args.command}: {answer.get('error', 'failed')}", file=sys.stderr)
         return EXIT_ERROR
-    if args.command == "reload":
+    if args.command in ("move-out", "move-in"):
+        move = answer["move"]
+        if args.command == "move-out":
+            print(
+                f"{move['vm']}: {move['pairs']} pairs sealed for host {move['to']} in period "
+                f"{move['t']} -> {args.bundle}. Take it in on {move['to']} within this period "
+                f"(`tvdnet-bridge move-in`), migrate the VM, then set its host in this host's "
+                "TVD file and `tvdnet-bridge reload` here to erase its keys."
+            )
+        else:
+            print(
+                f"{move['vm']}: taken in from host {move['from']} (period {move['t']}, "
+                f"{move['pairs']} pairs, {move['adopted']} new here); served on this host now. "
+                f"Delete the bundle file."
+            )
+    elif args.command == "reload":
         result = answer["reload"]
         changes = [
             f"{c['vm']} {c['what']} {c['before']} -> {c['after']}"
@@ -306,6 +354,11 @@ def _control(args: argparse.Namespace) -> int:
             + "; changed "
             + ("; ".join(changes) or "nothing")
             + f"; {len(result['told'])} VMs told the new members"
+            + (
+                f"; moved away (keys erased here): {', '.join(result['moved_away'])}"
+                if result.get("moved_away")
+                else ""
+            )
         )
     elif args.json:
         print(json.dumps(answer["status"], indent=1))
@@ -316,7 +369,14 @@ def _control(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"provision": _provision, "run": _run, "status": _control, "reload": _control}
+    handlers = {
+        "provision": _provision,
+        "run": _run,
+        "status": _control,
+        "reload": _control,
+        "move-out": _control,
+        "move-in": _control,
+    }
     try:
         return handlers[args.command](args)
     except (TvdnetError, BaseExceptionGroup) as exc:

@@ -6,10 +6,12 @@ bridge reaches each VM's key channel. `docs/bridge.md` is the reference; in shor
     periods = 100000
     # epoch = 1764460800.0      # Unix seconds; default: the time of provisioning
     # pairs = "all"             # or "star:HUB": only HUB <-> member pairs
+    # hosts = ["kvm1", "kvm2"]  # the TVD's hosts; default: the members' hosts
     [[members]]
     id = "vm-a"
     address = "127.0.0.1:7001"  # where vm-a's node listens for peers
     channel = "unix:/run/tvdnet/vm-a.sock"
+    # host = "kvm1"             # the host whose bridge serves vm-a (default "local")
 
 Every problem is a `ConfigError` naming the file, the line and the key. Relative socket
 paths are relative to the TVD file. `period_seconds`, `periods`, `epoch` and `pairs` are
@@ -46,11 +48,14 @@ from ._transports import (
 from .constants import MAX_PERIOD_S, MIN_PERIOD_S
 from .errors import ConfigError
 
-__all__ = ["MemberConfig", "TvdConfig", "load_config"]
+__all__ = ["DEFAULT_HOST", "MemberConfig", "TvdConfig", "load_config"]
 
-_TOP_KEYS: Final = ("tvd", "period_seconds", "periods", "epoch", "pairs", "members")
+_TOP_KEYS: Final = ("tvd", "period_seconds", "periods", "epoch", "pairs", "hosts", "members")
 _REQUIRED_TOP: Final = ("tvd", "period_seconds", "periods", "members")
-_MEMBER_KEYS: Final = ("id", "address", "channel")
+_MEMBER_KEYS: Final = ("id", "address", "channel", "host")
+_REQUIRED_MEMBER: Final = ("id", "address", "channel")
+# The host of a member whose entry names none: a TVD on one host never says "host".
+DEFAULT_HOST: Final = "local"
 _U64_LIMIT: Final = 1 << 64
 
 
@@ -60,7 +65,8 @@ class MemberConfig:
 
     id: str
     address: str  # "host:port" where its node listens for peers (sent in welcome/members)
-    channel: ChannelSpec  # where the bridge reaches its key channel
+    channel: ChannelSpec  # where the bridge reaches its key channel (on its own host)
+    host: str = DEFAULT_HOST  # the host whose bridge serves it (SPEC §1, §6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +79,47 @@ class TvdConfig:
     periods: int
     epoch: float | None = None
     pairs: str = "all"  # "all" or "star:HUB"
+    # Every host of the TVD, the members' and any named in `hosts` (a host a member may
+    # move to): provisioning gives each pair of hosts a transfer key (SPEC §6).
+    host_names: tuple[str, ...] = ()
     path: Path | None = field(default=None, compare=False)
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_semantics(self)
 
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The TVD's hosts: those named in `hosts`, then the members' own, in order."""
+        seen = dict.fromkeys(self.host_names)
+        seen.update(dict.fromkeys(m.host for m in self.members))
+        return tuple(seen)
+
+    def members_on(self, host: str) -> tuple[MemberConfig, ...]:
+        return tuple(m for m in self.members if m.host == host)
+
+    def host_of(self, vm: str) -> str:
+        return self.member(vm).host
+
     @classmethod
     def for_schedule(
-        cls, tvd: str, schedule: Schedule, members: Iterable[MemberConfig], *, pairs: str = "all"
+        cls,
+        tvd: str,
+        schedule: Schedule,
+        members: Iterable[MemberConfig],
+        *,
+        pairs: str = "all",
+        hosts: Iterable[str] = (),
     ) -> TvdConfig:
-        return cls(tvd, tuple(members), schedule.period_s, schedule.periods, schedule.epoch, pairs)
+        return cls(
+            tvd,
+            tuple(members),
+            schedule.period_s,
+            schedule.periods,
+            schedule.epoch,
+            pairs,
+            tuple(hosts),
+        )
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.path, _line_of(self.lines, key), key, problem)
@@ -185,10 +221,26 @@ def _check_semantics(config: TvdConfig) -> None:
                 f"{where}.address", f"already the address of members[{addresses[member.address]}]"
             )
         addresses[member.address] = i
-        key = channel_key(member.channel)
+        # A path or port names a thing on the member's own host: two hosts may reuse it.
+        key = (member.host, *channel_key(member.channel))
         if key in channels:
             raise fail(f"{where}.channel", f"already the channel of members[{channels[key]}]")
         channels[key] = i
+        try:
+            check_id(member.host, f"{where}.host")
+        except InvalidId as exc:
+            raise fail(f"{where}.host", _id_problem(exc)) from None
+    for i, host in enumerate(config.host_names):
+        try:
+            check_id(host, f"hosts[{i}]")
+        except InvalidId as exc:
+            raise fail("hosts", _id_problem(exc)) from None
+        if host in config.host_names[:i]:
+            raise fail("hosts", f"names {host!r} twice")
+    if config.host_names:
+        unnamed = sorted({m.host for m in config.members} - set(config.host_names))
+        if unnamed:
+            raise fail("hosts", f"misses {', '.join(map(repr, unnamed))}, the host of a member")
     if config.pairs != "all":
         hub = config.pairs.removeprefix("star:")
         if not config.pairs.startswith("star:") or hub not in ids:
@@ -278,6 +330,9 @@ def load_config(path: Path | str) -> TvdConfig:
     pairs = document.get("pairs", "all")
     if type(pairs) is not str:
         raise fail("pairs", 'must be "all" or "star:HUB"')
+    hosts = document.get("hosts", [])
+    if type(hosts) is not list or not all(type(h) is str for h in hosts):
+        raise fail("hosts", "must be a list of host names")
     epoch = document.get("epoch")
     return TvdConfig(
         tvd=_string(document, "tvd", "tvd", fail),
@@ -286,6 +341,7 @@ def load_config(path: Path | str) -> TvdConfig:
         periods=document["periods"],
         epoch=float(epoch) if epoch is not None else None,
         pairs=pairs,
+        host_names=tuple(hosts),
         path=path,
         lines=lines,
     )
@@ -305,18 +361,19 @@ def _member(raw: object, i: int, base: Path, fail: Any) -> MemberConfig:
     for key in raw:
         if key not in _MEMBER_KEYS:
             raise fail(f"{where}.{key}", f"unknown key (a member takes {', '.join(_MEMBER_KEYS)})")
-    for key in _MEMBER_KEYS:
+    for key in _REQUIRED_MEMBER:
         if key not in raw:
             raise fail(where, f"the key {key!r} is missing")
     member_id = _string(raw, "id", f"{where}.id", fail)
     address = _string(raw, "address", f"{where}.address", fail)
     text = _string(raw, "channel", f"{where}.channel", fail)
+    host = _string(raw, "host", f"{where}.host", fail) if "host" in raw else DEFAULT_HOST
     try:
         # Parsed again once resolved: the absolute path must still fit a Unix socket.
         channel = parse_channel(str(_resolved(parse_channel(text), base)))
     except ValueError as exc:
         raise fail(f"{where}.channel", str(exc)) from None
-    return MemberConfig(member_id, address, channel)
+    return MemberConfig(member_id, address, channel, host)
 
 
 def _resolved(spec: ChannelSpec, base: Path) -> ChannelSpec:

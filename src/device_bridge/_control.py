@@ -6,6 +6,13 @@ over. The bridge adds a directory of its own (mode 0700, its user's) and its com
 
     -> {"command": "status"}    <- {"ok": true, "status": {...}}
     -> {"command": "reload"}    <- {"ok": true, "reload": {...}} | {"ok": false, "error": "..."}
+    -> {"command": "move-out", "vm": X, "to": HOST, "bundle": "/abs/path"}
+                                <- {"ok": true, "move": {...}}   (the bundle written, mode 0600)
+    -> {"command": "move-in", "bundle": "/abs/path"}
+                                <- {"ok": true, "move": {...}}
+
+The bridge reads and writes bundle files itself (the socket is its owner's only), so that
+no key crosses the control socket.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ from typing import Any
 import trio
 
 from tvdnet.control import serve_control as serve_owner_only
+from tvdnet.keyfile import KeyFileError, check_private, write_private
 
 from ._daemon import Bridge
 from ._log import emit
-from .errors import ControlError, TvdnetError
+from ._moves import MAX_BUNDLE_BYTES
+from .errors import ControlError, MoveError, TvdnetError
 
 __all__ = ["COMMANDS", "default_control_path", "serve_control"]
 
-COMMANDS = ("status", "reload")
+COMMANDS = ("status", "reload", "move-out", "move-in")
 
 
 def default_control_path() -> Path:
@@ -74,4 +83,49 @@ async def _handle(bridge: Bridge, request: dict[str, Any]) -> dict[str, Any]:
             emit(logging.ERROR, "reload-failed", why=str(exc))
             raise
         return {"ok": True, "reload": result.to_json()}
+    if command in ("move-out", "move-in"):
+        try:
+            path = _bundle_path(request)
+            if command == "move-out":
+                vm, target = request.get("vm"), request.get("to")
+                if not isinstance(vm, str) or not isinstance(target, str):
+                    raise MoveError("move-out needs the VM and the host it goes to")
+                move, bundle = bridge.move_out(vm, target)
+                await trio.to_thread.run_sync(_write_bundle, path, bundle)
+            else:
+                data = await trio.to_thread.run_sync(_read_bundle, path)
+                move = await bridge.move_in(data)
+        except TvdnetError as exc:
+            emit(logging.ERROR, f"{command}-failed", why=str(exc))
+            raise
+        return {"ok": True, "move": move.to_json()}
     raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
+
+
+def _bundle_path(request: dict[str, Any]) -> Path:
+    path = request.get("bundle")
+    if not isinstance(path, str) or not Path(path).is_absolute():
+        raise MoveError("the bundle's path must be absolute")
+    return Path(path)
+
+
+def _write_bundle(path: Path, bundle: bytes) -> None:
+    try:
+        write_private(path, bundle, overwrite=False)
+    except FileExistsError:
+        raise MoveError(f"{path} exists: a bundle is never written over another") from None
+    except OSError as exc:
+        raise MoveError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read_bundle(path: Path) -> bytes:
+    """A bundle file: private to its owner (it carries device keys, encrypted)."""
+    try:
+        check_private(path)
+        if path.stat().st_size > MAX_BUNDLE_BYTES:
+            raise MoveError(f"{path}: over {MAX_BUNDLE_BYTES} bytes, not a move bundle")
+        return path.read_bytes()
+    except KeyFileError as exc:
+        raise MoveError(str(exc)) from None
+    except OSError as exc:
+        raise MoveError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -19,6 +19,7 @@ What happens when (the one place to read it):
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,12 +33,13 @@ from tvdnet import WallClock, channel
 from tvdnet.control import answers
 from tvdnet.core.channel import Member
 from tvdnet.core.errors import NoSuchPeriod
-from tvdnet.core.scheme import DeviceKeys, Schedule
+from tvdnet.core.scheme import DeviceKeys, Pair, Schedule
 
 from ._config import MemberConfig, TvdConfig, load_config
 from ._iso import DEFAULT_ISO_DIR
-from ._keystore import Keystore, MemberRecord
+from ._keystore import Keystore, MemberRecord, MoveIn
 from ._log import emit, logger
+from ._moves import open_bundle, peek_bundle, seal_bundle
 from ._retry import Backoff
 from ._rollout import KeyUpdate, RolloutLog
 from ._signal import Signal
@@ -50,8 +52,9 @@ from .constants import (
     BRIDGE_RECONNECT_MAX,
     BRIDGE_SHUTDOWN_WRITE_TIMEOUT,
     BRIDGE_WRITE_TIMEOUT,
+    MOVES_IN_KEPT,
 )
-from .errors import KeystoreError, ReloadError, TransportRefused
+from .errors import KeystoreError, MoveError, ReloadError, TransportRefused
 
 __all__ = ["Bridge", "BridgeStatus", "ReloadResult", "open_bridge"]
 
@@ -59,6 +62,9 @@ __all__ = ["Bridge", "BridgeStatus", "ReloadResult", "open_bridge"]
 @dataclass(frozen=True, slots=True)
 class BridgeStatus:
     tvd: str
+    host: str
+    # vm -> {other host: [its peers there]}: pairs whose device key the other host holds too
+    pairs_elsewhere: dict[str, dict[str, list[str]]]
     period: int | None  # the period whose updates are out (None before the epoch or after N)
     schedule: Schedule
     keystore: str | None
@@ -70,6 +76,11 @@ class BridgeStatus:
     def to_json(self) -> dict[str, object]:
         return {
             "tvd": self.tvd,
+            "host": self.host,
+            "pairs_elsewhere": {
+                vm: {host: sorted(peers) for host, peers in hosts.items()}
+                for vm, hosts in self.pairs_elsewhere.items()
+            },
             "period": self.period,
             "epoch": self.schedule.epoch,
             "period_s": self.schedule.period_s,
@@ -83,18 +94,40 @@ class BridgeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class MoveResult:
+    vm: str
+    source: str
+    target: str
+    t: int
+    pairs: int  # pairs in the bundle
+    adopted: int = 0  # move-in: pairs this host did not hold before
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "vm": self.vm,
+            "from": self.source,
+            "to": self.target,
+            "t": self.t,
+            "pairs": self.pairs,
+            "adopted": self.adopted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadResult:
     removed: tuple[str, ...] = ()
     told: tuple[str, ...] = ()  # VMs that were sent `members` and the current update
     moved: tuple[str, ...] = ()  # VMs whose channel changed
-    # (vm, what, before, after) for each address or channel that changed
+    # (vm, what, before, after) for each address, channel or host that changed
     changes: tuple[tuple[str, str, str, str], ...] = ()
+    moved_away: tuple[str, ...] = ()  # members now served by another host: keys erased here
 
     def to_json(self) -> dict[str, object]:
         return {
             "removed": list(self.removed),
             "told": list(self.told),
             "moved": list(self.moved),
+            "moved_away": list(self.moved_away),
             "changes": [
                 {"vm": vm, "what": what, "before": before, "after": after}
                 for vm, what, before, after in self.changes
@@ -108,10 +141,10 @@ class _Running:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def _check_transports(config: TvdConfig, allow_dev: bool) -> None:
+def _check_transports(config: TvdConfig, allow_dev: bool, host: str) -> None:
     if allow_dev:
         return
-    for member in config.members:
+    for member in config.members_on(host):
         why = development_reason(member.channel)
         if why is not None:
             raise TransportRefused(member.id, why)
@@ -129,8 +162,12 @@ class Bridge:
         clock: WallClock,
         allow_dev: bool,
         iso_dir: Path,
+        host: str,
     ) -> None:
         self.config = config
+        self.host = host  # the members of this host are the ones this bridge serves
+        self._moved_out: dict[str, str] = {}  # vm -> the host its bundle was made for
+        self._moved_in: set[str] = set()  # members taken in by a bundle while running
         self.schedule = schedule
         self._keys = device_keys
         self._keystore = keystore
@@ -153,7 +190,10 @@ class Bridge:
         self.last_keystore_write_s: float | None = None
 
     def __repr__(self) -> str:
-        return f"<Bridge tvd={self.tvd!r} period={self.period} vms={len(self._running)}>"
+        return (
+            f"<Bridge tvd={self.tvd!r} host={self.host!r} period={self.period} "
+            f"vms={len(self._running)}>"
+        )
 
     @property
     def tvd(self) -> str:
@@ -166,8 +206,18 @@ class Bridge:
     # ------------------------------------------------------------------ what callers see
 
     def status(self) -> BridgeStatus:
+        elsewhere: dict[str, dict[str, list[str]]] = {}
+        host_of = {m.id: m.host for m in self.config.members}
+        for pair in self._keys.pairs:
+            for vm in pair:
+                other = pair.other(vm)
+                if vm in self._running and host_of.get(other, self.host) != self.host:
+                    peers = elsewhere.setdefault(vm, {}).setdefault(host_of[other], [])
+                    peers.append(other)
         return BridgeStatus(
             tvd=self.tvd,
+            host=self.host,
+            pairs_elsewhere=elsewhere,
             period=self.period,
             schedule=self.schedule,
             keystore=str(self._keystore.path) if self._keystore is not None else None,
@@ -225,6 +275,8 @@ class Bridge:
                 )
         for i, member in enumerate(self.config.members):
             channel = member.channel
+            if member.host != self.host:
+                continue
             if isinstance(channel, UnixListen) and await answers(channel.path):
                 # Issue 18: a second bridge on the same TVD file (another keystore) would
                 # otherwise run beside the first, serving nothing.
@@ -237,7 +289,7 @@ class Bridge:
         before = keys.period
         target = min(self._period_now() or 1, self.schedule.periods)
         if target > keys.period:
-            keys.evolve_to(target)
+            self._evolve_to(target)
         removed = sorted(provisioned - set(self.config.ids))
         for vm in removed:
             dropped = self._drop_keys(vm)
@@ -253,13 +305,20 @@ class Bridge:
             logging.INFO,
             "started",
             tvd=self.tvd,
-            vms=len(self.config.members),
+            host=self.host,
+            vms=len(self.config.members_on(self.host)),
             pairs=len(keys.pairs),
             keys_from=before,
             keys_at=keys.period,
             keystore_ms=(self.last_keystore_write_s or 0) * 1000 if self._keystore else None,
         )
         self._members = self._member_lists()
+
+    def _evolve_to(self, t: int) -> None:
+        if self._keystore is not None:
+            self._keystore.evolve_to(t)  # the transfer keys with the device keys
+        else:
+            self._keys.evolve_to(t)
 
     def _drop_keys(self, vm: str) -> int:
         if self._keystore is not None:
@@ -362,7 +421,7 @@ class Bridge:
     def _begin_period(self, t: int) -> None:
         started = time.perf_counter()
         if t > self._keys.period:
-            self._keys.evolve_to(t)  # U*: dev_{t-1} overwritten in place (SPEC §3)
+            self._evolve_to(t)  # U*: dev_{t-1} overwritten in place (SPEC §3)
             self._mark_keystore_dirty()
         self.period = t
         # Opened before the push: an ack can only come after it, but never miss one.
@@ -460,6 +519,119 @@ class Bridge:
 
     # ------------------------------------------------------------------ membership
 
+    # ------------------------------------------------------------------ moves (SPEC §6)
+
+    def move_out(self, vm: str, target: str) -> tuple[MoveResult, bytes]:
+        """Seal `vm`'s current device keys into a bundle for host `target` (it keeps being
+        served here until a reload names its new host)."""
+        keystore = self._keystore
+        if vm not in self._running:
+            raise MoveError(f"{vm!r} is not served by this bridge (host {self.host})")
+        if target == self.host:
+            raise MoveError(f"{vm!r} is already on host {target!r}")
+        link = Pair.of(self.host, target) if target != self.host else None
+        if keystore is None or link is None or link not in keystore.transfer_keys.pairs:
+            raise MoveError(
+                f"this host has no transfer key with {target!r}: a move goes only between "
+                "hosts the TVD was provisioned with (its `hosts`)"
+            )
+        t = self._keys.period
+        keys = {pair: self._keys.key_bytes(pair) for pair in self._keys.pairs if vm in pair}
+        bundle = seal_bundle(
+            tvd=self.tvd,
+            vm=vm,
+            source=self.host,
+            target=target,
+            t=t,
+            transfer_t=keystore.transfer_keys.key_bytes(link),
+            keys=keys,
+        )
+        self._moved_out[vm] = target
+        result = MoveResult(vm, self.host, target, t, len(keys))
+        emit(logging.INFO, "move-out", vm=vm, to=target, t=t, pairs=len(keys))
+        return result, bundle
+
+    async def move_in(self, data: bytes, config: TvdConfig | None = None) -> MoveResult:
+        """Take in a bundle made for this host: re-read the TVD file (which must now put the
+        VM on this host), check everything, then hold the keys, serve the VM and push it
+        the current update, in one step. Any refusal changes nothing."""
+        keystore = self._keystore
+        if keystore is None:
+            raise MoveError("this bridge runs without a keystore: it cannot take a member in")
+        header, _, _ = peek_bundle(data)
+        if header.tvd != self.tvd:
+            raise MoveError(f"the bundle is of TVD {header.tvd!r}; this bridge serves {self.tvd!r}")
+        if header.target != self.host:
+            raise MoveError(f"the bundle is for host {header.target!r}; this is host {self.host!r}")
+        link = Pair.of(self.host, header.source) if header.source != self.host else None
+        if link is None or link not in keystore.transfer_keys.pairs:
+            raise MoveError(f"this host has no transfer key with {header.source!r}")
+        if any(m.id == header.id for m in keystore.moves_in):
+            raise MoveError("this bundle was taken in already: a bundle is usable once")
+        newer = [m.t for m in keystore.moves_in if m.vm == header.vm and m.t > header.t]
+        if newer:
+            raise MoveError(
+                f"the bundle (period {header.t}) is older than the move of {header.vm} taken "
+                f"in at period {max(newer)}"
+            )
+        if header.t != self._keys.period:
+            raise MoveError(
+                f"the bundle was made in period {header.t} and this host is in period "
+                f"{self._keys.period}: a bundle opens only in its own period (check both "
+                "hosts' clocks); make a new one"
+            )
+        if header.vm in self._running:
+            raise MoveError(f"{header.vm!r} is served here already")
+        if config is None and self.config.path is not None:
+            config = await trio.to_thread.run_sync(load_config, self.config.path)
+        elif config is None:
+            config = self.config
+        if header.vm not in config.ids or config.host_of(header.vm) != self.host:
+            raise MoveError(
+                f"the TVD file does not put {header.vm!r} on this host ({self.host}): set its "
+                "`host` (and its `channel` here) first"
+            )
+        if config.tvd != self.tvd:
+            raise config.error("tvd", f"is {config.tvd!r}, but this bridge serves {self.tvd!r}")
+        config.check_schedule(self.schedule)
+        _check_transports(config, self._allow_dev, self.host)
+        if header.t != self._keys.period:  # a period began while the file was read
+            raise MoveError(f"period {self._keys.period} began meanwhile: make a new bundle")
+        opened = open_bundle(data, keystore.transfer_keys.key_bytes(link), config.ids)
+        count = len(opened.keys)
+        try:
+            held = set(self._keys.pairs)
+            for pair, key in opened.keys.items():
+                if pair in held and not hmac.compare_digest(self._keys.key_bytes(pair), key):
+                    raise MoveError(
+                        f"pair {{{pair.lo}, {pair.hi}}}: the bundle's key and this host's "
+                        "disagree (provisioned apart?); nothing was changed"
+                    )
+            # From here on nothing awaits and nothing fails: one step.
+            for pair, key in opened.keys.items():
+                self._keys.adopt(pair, key)
+            adopted = len(set(opened.keys) - held)
+        finally:
+            opened.erase()
+        keystore.moves_in = [*keystore.moves_in, MoveIn(header.id, header.vm, header.t)][
+            -MOVES_IN_KEPT:
+        ]
+        self.config = config
+        self._members = self._member_lists()
+        self._records()
+        member = config.member(header.vm)
+        self._running[member.id] = running = _Running(self._new_worker(member))
+        self._moved_in.add(member.id)
+        if self.period is not None:
+            self._push(self.period, only={member.id})
+        self._launch(running)
+        self._mark_keystore_dirty()
+        emit(
+            logging.INFO, "move-in", vm=header.vm, source=header.source, t=header.t,
+            pairs=count, adopted=adopted,
+        )  # fmt: skip
+        return MoveResult(header.vm, header.source, self.host, header.t, count, adopted)
+
     async def reload(self, config: TvdConfig | None = None) -> ReloadResult:
         """Re-read the TVD file (or take `config`): remove members, move channels, re-address.
 
@@ -473,14 +645,33 @@ class Bridge:
         if config.tvd != self.tvd:
             raise config.error("tvd", f"is {config.tvd!r}, but this bridge serves {self.tvd!r}")
         config.check_schedule(self.schedule)
-        added = [vm for vm in config.ids if vm not in self._running]
+        before = {member.id: member for member in self.config.members}
+        added = [vm for vm in config.ids if vm not in before]
         if added:
             raise ReloadError(
                 f"new member(s) {', '.join(added)}: a reload only removes members or changes "
-                "their addresses and channels; a new member needs device keys and a "
+                "their addresses, channels and hosts; a new member needs device keys and a "
                 "computer-key file: run `tvdnet-bridge provision` (SPEC §6)"
             )
-        _check_transports(config, self._allow_dev)
+        arrived = [m.id for m in config.members_on(self.host) if m.id not in self._running]
+        if arrived:
+            raise ReloadError(
+                f"{', '.join(arrived)} is now on this host ({self.host}) in the TVD file, but "
+                "its device keys are not here: take its bundle in with `tvdnet-bridge move-in`"
+            )
+        leaving = [
+            vm for vm in self._running if vm in config.ids and config.host_of(vm) != self.host
+        ]
+        for vm in leaving:
+            # Its keys go from here: only once another host holds them (a bundle was made
+            # for it), or when it came in by a move that is now undone (SPEC §6).
+            if self._moved_out.get(vm) != config.host_of(vm) and vm not in self._moved_in:
+                raise ReloadError(
+                    f"{vm} is on host {config.host_of(vm)} in the TVD file, but no bundle of "
+                    f"its keys was made for that host: run `tvdnet-bridge move-out {vm} --to "
+                    f"{config.host_of(vm)}` first (else its pairs' keys would be lost)"
+                )
+        _check_transports(config, self._allow_dev, self.host)
         # From here on nothing awaits: the change is applied as one step.
         removed = tuple(vm for vm in self._running if vm not in config.ids)
         for vm in removed:
@@ -489,21 +680,37 @@ class Bridge:
             dropped = self._drop_keys(vm)
             self._rollouts.forget(vm)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
-        before = {member.id: member for member in self.config.members}
+        for vm in leaving:
+            self._running.pop(vm).scope.cancel()
+            self._rollouts.forget(vm)
+            self._moved_out.pop(vm, None)
+            self._moved_in.discard(vm)
+            # Pairs with a member still served here stay; the others are erased.
+            gone = [
+                pair
+                for pair in self._keys.pairs
+                if vm in pair and config.host_of(pair.other(vm)) != self.host
+            ]
+            dropped = self._keys.drop_pairs(gone)
+            emit(
+                logging.WARNING, "member-moved-away", vm=vm, to=config.host_of(vm),
+                pairs_erased=dropped,
+            )  # fmt: skip
         changes = tuple(
             (member.id, what, str(old), str(new))
             for member in config.members
             for what, old, new in (
                 ("address", before[member.id].address, member.address),
                 ("channel", before[member.id].channel, member.channel),
+                ("host", before[member.id].host, member.host),
             )
-            if old != new
+            if old != new and (what != "channel" or member.host == self.host)
         )
         old_members, self.config = self._members, config
         self._members = self._member_lists()
         self._records()
         moved = []
-        for member in config.members:
+        for member in config.members_on(self.host):
             running = self._running[member.id]
             if running.worker.spec != member.channel:
                 running.scope.cancel()
@@ -515,7 +722,11 @@ class Bridge:
                 self._launch(replacement)
                 moved.append(member.id)
                 emit(logging.INFO, "channel-moved", vm=member.id, port=member.channel)
-        told = {vm for vm, members in self._members.items() if old_members.get(vm) != members}
+        told = {
+            vm
+            for vm, members in self._members.items()
+            if vm in self._running and old_members.get(vm) != members
+        }
         if self.period is not None:
             # SPEC §5: `members`, followed at once by the current update.
             self._push(self.period, only=told, members=True)
@@ -527,7 +738,7 @@ class Bridge:
                 if isinstance(worker, ChannelWorker):
                     worker.channel.set_welcome(self._welcome(vm))
         self._mark_keystore_dirty()
-        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved), changes)
+        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved), changes, tuple(leaving))
         emit(
             logging.INFO,
             "reloaded",
@@ -536,6 +747,24 @@ class Bridge:
             moved=",".join(moved) or None,
         )
         return result
+
+
+def _host_to_serve(config: TvdConfig, keystore: Keystore | None, host: str | None) -> str:
+    if keystore is not None:
+        if host is not None and host != keystore.host:
+            raise KeystoreError(
+                keystore.path, f"is the keystore of host {keystore.host!r}, not of {host!r}"
+            )
+        host = keystore.host
+    elif host is None:
+        if len(config.hosts) != 1:
+            raise config.error("hosts", "the TVD has several hosts: name the one to serve")
+        host = config.hosts[0]
+    if host not in config.hosts:
+        raise config.error(
+            "hosts", f"{host!r} is not a host of this TVD (its hosts: {', '.join(config.hosts)})"
+        )
+    return host
 
 
 @asynccontextmanager
@@ -548,6 +777,7 @@ async def open_bridge(
     clock: WallClock | None = None,
     allow_dev_transports: bool = False,
     iso_dir: Path = DEFAULT_ISO_DIR,
+    host: str | None = None,
 ) -> AsyncIterator[Bridge]:
     """Run a bridge for the TVD of `config` with `device_keys` until the block exits.
 
@@ -556,6 +786,8 @@ async def open_bridge(
     - `schedule`: defaults to the keystore's, else the TVD file's (which then needs an epoch).
     - `clock`: a `WallClock`; give `WallClock(offset=...)` under `trio.testing.MockClock`.
     - `allow_dev_transports`: permit TCP and Unix sockets that others can reach (SPEC §5).
+    - `host`: the host whose members this bridge serves; default the keystore's, else the
+      TVD file's only host.
 
     The keys are evolved to the current period and the keystore rewritten before any
     channel is served (SPEC §1). On exit every connection is closed and the last state is
@@ -570,7 +802,8 @@ async def open_bridge(
             "tvd", f"is {config.tvd!r}, but the device keys are of {device_keys.tvd!r}"
         )
     config.check_schedule(schedule)
-    _check_transports(config, allow_dev_transports)
+    host = _host_to_serve(config, keystore, host)
+    _check_transports(config, allow_dev_transports, host)
     bridge = Bridge(
         config,
         device_keys,
@@ -579,13 +812,14 @@ async def open_bridge(
         clock or WallClock(),
         allow_dev_transports,
         iso_dir,
+        host,
     )
     await bridge._start()
     try:
         async with trio.open_nursery() as nursery:
             bridge._nursery = nursery
             nursery.start_soon(bridge._watchdog.run, name="write-watchdog")
-            for member in config.members:
+            for member in config.members_on(host):
                 bridge._running[member.id] = _Running(bridge._new_worker(member))
             # The current update is handed to every worker before any port is opened.
             await nursery.start(bridge._run_periods, name="periods")

@@ -13,7 +13,16 @@ write draws a fresh salt and a fresh nonce. The plaintext is the payload:
 
     {"tvd": "demo", "schedule": {"epoch": ..., "period_s": ..., "periods": ...}, "t": 12,
      "members": [{"id": "vm-a", "address": "127.0.0.1:7001", "channel": "unix:..."}, ...],
-     "device_keys": [{"pair": ["vm-a", "vm-b"], "dev": "<64 hex: dev_t>"}, ...]}
+     "device_keys": [{"pair": ["vm-a", "vm-b"], "dev": "<64 hex: dev_t>"}, ...],
+     "host": "kvm1",
+     "transfer_keys": [{"hosts": ["kvm1", "kvm2"], "key": "<64 hex: T_t>"}, ...],
+     "moves_in": [{"id": "<32 hex>", "vm": "vm-c", "t": 12}, ...]}
+
+A TVD on several hosts has one keystore per host (SPEC §6): `device_keys` holds exactly the
+pairs with a member on `host`, `transfer_keys` one key per pair of hosts this host belongs
+to (evolved with the device keys; a move bundle is sealed under it, `_moves.py`), and
+`moves_in` the bundles this host has taken in, so that none is taken twice. A keystore
+without "host" is of the one host "local".
 
 For demos, `"encryption": "none"` keeps the payload in the clear under "payload", with a
 "warning" field saying so. Errors are `KeystoreError`s naming the file, never a key; a
@@ -48,6 +57,7 @@ from tvdnet.keyfile import (
     write_private,
 )
 
+from ._config import DEFAULT_HOST
 from ._log import emit
 from .constants import (
     KEYSTORE_SCRYPT_MAXMEM,
@@ -57,7 +67,7 @@ from .constants import (
 )
 from .errors import KeystoreError
 
-__all__ = ["ENCRYPTED", "PLAINTEXT", "Keystore", "MemberRecord", "check_scrypt_n"]
+__all__ = ["ENCRYPTED", "PLAINTEXT", "Keystore", "MemberRecord", "MoveIn", "check_scrypt_n"]
 
 FORMAT: Final = "tvdnet-keystore"
 ENCRYPTED: Final = "scrypt+aes-256-gcm"
@@ -97,6 +107,15 @@ def _scrypt(passphrase: bytearray, salt: bytes, n: int, r: int, p: int) -> bytes
     )
 
 
+@dataclass(frozen=True, slots=True)
+class MoveIn:
+    """A move bundle this host took in (its id is never taken again)."""
+
+    id: str
+    vm: str
+    t: int
+
+
 class Keystore:
     """A loaded (or newly provisioned) keystore: its metadata, its `DeviceKeys`, its writer.
 
@@ -109,10 +128,13 @@ class Keystore:
         "_lock_fd",
         "_passphrase",
         "device_keys",
+        "host",
         "members",
+        "moves_in",
         "path",
         "schedule",
         "scrypt_n",
+        "transfer_keys",
         "tvd",
     )
 
@@ -125,9 +147,21 @@ class Keystore:
         passphrase: bytearray | None,
         *,
         scrypt_n: int = KEYSTORE_SCRYPT_N,
+        host: str = DEFAULT_HOST,
+        transfer_keys: DeviceKeys | None = None,
+        moves_in: Iterable[MoveIn] = (),
     ) -> None:
         self.path = Path(path)
         self.tvd = device_keys.tvd
+        self.host = host
+        # One T_t per pair of hosts (the pair's "members" are host names), at the device
+        # keys' period: they evolve together (`evolve_to`).
+        self.transfer_keys = (
+            transfer_keys
+            if transfer_keys is not None
+            else DeviceKeys(self.tvd, device_keys.period, {})
+        )
+        self.moves_in: list[MoveIn] = list(moves_in)
         self.schedule = schedule
         self.members: dict[str, MemberRecord] = {m.id: m for m in members}
         self.device_keys = device_keys
@@ -139,13 +173,19 @@ class Keystore:
 
     def __repr__(self) -> str:
         return (
-            f"<Keystore {self.path} tvd={self.tvd!r} t={self.device_keys.period} "
+            f"<Keystore {self.path} tvd={self.tvd!r} host={self.host!r} "
+            f"t={self.device_keys.period} "
             f"members={len(self.members)} {'encrypted' if self.encrypted else 'PLAINTEXT'}>"
         )
 
     @property
     def encrypted(self) -> bool:
         return self._passphrase is not None
+
+    def evolve_to(self, t: int) -> None:
+        """U*: the device keys and the transfer keys to period t, the old ones overwritten."""
+        self.device_keys.evolve_to(t)
+        self.transfer_keys.evolve_to(t)
 
     # ------------------------------------------------------------------ writing
 
@@ -164,6 +204,12 @@ class Keystore:
                 {"pair": [pair.lo, pair.hi], "dev": keys.key_bytes(pair).hex()}
                 for pair in keys.pairs
             ],
+            "host": self.host,
+            "transfer_keys": [
+                {"hosts": [pair.lo, pair.hi], "key": self.transfer_keys.key_bytes(pair).hex()}
+                for pair in self.transfer_keys.pairs
+            ],
+            "moves_in": [{"id": m.id, "vm": m.vm, "t": m.t} for m in self.moves_in],
         }
         return json.dumps(payload, separators=(",", ":")).encode()
 
@@ -282,8 +328,18 @@ class Keystore:
             if passphrase is None:
                 raise KeystoreError(path, "it is encrypted: a passphrase is needed")
             payload = json.loads(_open(path, document, passphrase))
-        schedule, members, keys = _parse_payload(path, payload)
-        return cls(path, schedule, members, keys, passphrase, scrypt_n=scrypt_n)
+        parsed = _parse_payload(path, payload)
+        return cls(
+            path,
+            parsed.schedule,
+            parsed.members,
+            parsed.device_keys,
+            passphrase,
+            scrypt_n=scrypt_n,
+            host=parsed.host,
+            transfer_keys=parsed.transfer_keys,
+            moves_in=parsed.moves_in,
+        )
 
 
 def _hex(document: dict[str, Any], key: str, size: int | None, path: Path) -> bytes:
@@ -324,7 +380,42 @@ def _open(path: Path, document: dict[str, Any], passphrase: bytearray) -> bytes:
         ) from None
 
 
-def _parse_payload(path: Path, payload: object) -> tuple[Schedule, list[MemberRecord], DeviceKeys]:
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    schedule: Schedule
+    members: list[MemberRecord]
+    device_keys: DeviceKeys
+    host: str
+    transfer_keys: DeviceKeys
+    moves_in: list[MoveIn]
+
+
+def _key_list(
+    raw: object, field: str, names: str, known: set[str] | None, path: Path
+) -> dict[Pair, bytearray]:
+    """`[{names: [a, b], key_field: hex}, ...]` -> {Pair: key}; the caller zeroes the keys."""
+    key_field = "dev" if names == "pair" else "key"
+    if not isinstance(raw, list):
+        raise KeystoreError(path, f'corrupted: "{field}" must be a list')
+    keys: dict[Pair, bytearray] = {}
+    for i, entry in enumerate(raw):
+        ids = entry.get(names) if isinstance(entry, dict) else None
+        if (
+            not isinstance(ids, list)
+            or len(ids) != 2
+            or not all(is_valid_id(m) and (known is None or m in known) for m in ids)
+            or ids[0] == ids[1]
+        ):
+            what = "a pair of two members" if names == "pair" else "two hosts"
+            raise KeystoreError(path, f'corrupted: "{field}"[{i}] must name {what}')
+        pair = Pair.of(ids[0], ids[1])
+        if pair in keys:
+            raise KeystoreError(path, f'corrupted: "{field}"[{i}] repeats a pair')
+        keys[pair] = bytearray(_hex(entry, key_field, KEY_LEN, path))
+    return keys
+
+
+def _parse_payload(path: Path, payload: object) -> _Payload:
     def bad(problem: str) -> KeystoreError:
         return KeystoreError(path, f"corrupted: {problem}")
 
@@ -353,29 +444,34 @@ def _parse_payload(path: Path, payload: object) -> tuple[Schedule, list[MemberRe
     ids = {m.id for m in members}
     if len(ids) != len(members):
         raise bad('"members" names a member twice')
-    raw_keys = payload.get("device_keys")
-    if not isinstance(raw_keys, list):
-        raise bad('"device_keys" must be a list')
+    host = payload.get("host", DEFAULT_HOST)
+    if not is_valid_id(host):
+        raise bad('"host" must be a valid id')
+    assert isinstance(host, str)
+    moves_in: list[MoveIn] = []
+    raw_moves = payload.get("moves_in", [])
+    if not isinstance(raw_moves, list):
+        raise bad('"moves_in" must be a list')
+    for i, entry in enumerate(raw_moves):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), str)
+            or not is_valid_id(entry.get("vm"))
+            or type(entry.get("t")) is not int
+        ):
+            raise bad(f'"moves_in"[{i}] needs "id", "vm" and "t"')
+        moves_in.append(MoveIn(entry["id"], entry["vm"], entry["t"]))
     keys: dict[Pair, bytearray] = {}
+    transfer: dict[Pair, bytearray] = {}
     try:
-        for i, entry in enumerate(raw_keys):
-            pair_ids = entry.get("pair") if isinstance(entry, dict) else None
-            if (
-                not isinstance(pair_ids, list)
-                or len(pair_ids) != 2
-                or not all(isinstance(m, str) and m in ids for m in pair_ids)
-                or pair_ids[0] == pair_ids[1]
-            ):
-                raise bad(f'"device_keys"[{i}] must name a pair of two members')
-            pair = Pair.of(pair_ids[0], pair_ids[1])
-            if pair in keys:
-                raise bad(f'"device_keys"[{i}] repeats a pair')
-            keys[pair] = bytearray(_hex(entry, "dev", KEY_LEN, path))
+        keys = _key_list(payload.get("device_keys"), "device_keys", "pair", ids, path)
+        transfer = _key_list(payload.get("transfer_keys", []), "transfer_keys", "hosts", None, path)
         device_keys = DeviceKeys(tvd, t, keys)
+        transfer_keys = DeviceKeys(tvd, t, transfer)
     finally:
-        for key in keys.values():
+        for key in (*keys.values(), *transfer.values()):
             key[:] = bytes(len(key))
-    return schedule, members, device_keys
+    return _Payload(schedule, members, device_keys, host, transfer_keys, moves_in)
 
 
 def _open_replaced(path: Path) -> int | None:

@@ -23,6 +23,7 @@ BRIDGE_KEYSTORE_RETRY_MAX: Final = 30.0
 BRIDGE_SHUTDOWN_WRITE_TIMEOUT: Final = 30.0  # the last keystore write at shutdown
 BRIDGE_CONTROL_REQUEST_LIMIT: Final = 4096  # one control-socket request, bytes
 BRIDGE_CONTROL_TIMEOUT: Final = 5.0  # a control client has this long to ask
+MOVES_IN_KEPT: Final = 1024  # bundle ids a keystore remembers (each opens in one period only)
 BRIDGE_ROLLOUT_HISTORY: Final = 256  # periods whose start-to-last-ack record the status keeps
 
 # SPEC §6: scrypt cost of the keystore key (32 MiB, about 0.1 s on a server core).

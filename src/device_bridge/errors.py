@@ -20,6 +20,7 @@ __all__ = [
     "IsoError",
     "KeyFileError",
     "KeystoreError",
+    "MoveError",
     "ProvisionError",
     "QmpError",
     "ReloadError",
@@ -59,6 +60,10 @@ class TransportRefused(BridgeError):
 
 class ReloadError(BridgeError):
     """A membership reload that cannot be applied; nothing was changed."""
+
+
+class MoveError(BridgeError):
+    """A member's move between hosts that cannot be done; nothing was changed."""
 
 
 class IsoError(BridgeError):

@@ -263,10 +263,27 @@ class DeviceKeys:
 
     def drop_member(self, vm: str) -> int:
         """Erase and forget every pair of `vm`; returns how many were dropped."""
-        gone = [pair for pair in self._keys if vm in pair]
+        return self.drop_pairs([pair for pair in self._keys if vm in pair])
+
+    def drop_pairs(self, pairs: Iterable[Pair]) -> int:
+        """Erase and forget these pairs (a member that moved to another host); how many."""
+        gone = [pair for pair in pairs if pair in self._keys]
         for pair in gone:
             _zero(self._keys.pop(pair))
         return len(gone)
+
+    def adopt(self, pair: Pair, dev_t: KeyBytes) -> None:
+        """Hold `pair`'s dev_t of the current period, copied (a member moving in from
+        another host); the caller zeroes its own copy. A pair held already must agree."""
+        _check_key(dev_t, "the device key")
+        pair = Pair.of(pair.lo, pair.hi)
+        check_id(pair.lo, "pair member")
+        check_id(pair.hi, "pair member")
+        held = self._keys.get(pair)
+        if held is None:
+            self._keys[pair] = bytearray(dev_t)
+        elif not hmac.compare_digest(held, dev_t):
+            raise InvalidKey(f"pair {{{pair.lo}, {pair.hi}}}: the device keys disagree")
 
     def erase(self) -> None:
         for key in self._keys.values():
