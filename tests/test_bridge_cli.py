@@ -351,3 +351,125 @@ def test_a_second_bridge_on_a_live_tvd_refuses_to_start_and_leaves_its_sockets(
             assert f"another process answers on {live}" in err.strip().splitlines()[-1]
             assert "event=started" not in err  # refused before it served or rewrote anything
             assert os.stat(live).st_ino == before  # the first one's socket is still there
+
+
+# --------------------------------------------------------------------------- two hosts
+
+TWO_HOSTS = """\
+tvd = "cli-tvd"
+period_seconds = 60.0
+periods = 1000
+epoch = {epoch}
+hosts = ["h1", "h2"]
+[[members]]
+id = "vm-a"
+address = "127.0.0.1:7001"
+channel = "unix-listen:a.sock"
+host = "h1"
+[[members]]
+id = "vm-b"
+address = "127.0.0.1:7002"
+channel = "unix-listen:b.sock"
+host = "{b_host}"
+[[members]]
+id = "vm-c"
+address = "127.0.0.1:7003"
+channel = "unix-listen:c.sock"
+host = "h2"
+"""
+
+
+def _guest_update(path: Path, process: subprocess.Popen[str], vm: str) -> dict[str, Any]:
+    """Say hello on `vm`'s port as its node would; the first update the bridge sends."""
+    guest = _connect(path, process)
+    guest.settimeout(60)
+    try:
+        guest.sendall(msgpack.packb({"type": "hello", "v": 1, "vm": vm, "have": 0}))
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            unpacker.feed(guest.recv(1 << 16))
+            for message in unpacker:
+                if message["type"] == "update":
+                    ack = {"type": "ack", "t": message["t"], "applied": 2, "missing": []}
+                    guest.sendall(msgpack.packb(ack))
+                    return dict(message)
+    finally:
+        guest.close()
+
+
+def test_a_member_moves_between_two_real_bridges(
+    env: None, captured: list[Reference], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with short_tmp() as tmp:
+        epoch = time.time() - 1.0  # period 1 has 59 s left: the move fits in it
+        for host in ("h1", "h2"):
+            (tmp / host).mkdir()
+            (tmp / host / "tvd.toml").write_text(TWO_HOSTS.format(epoch=epoch, b_host="h1"))
+        out = tmp / "out"
+        assert main(["provision", str(tmp / "h1" / "tvd.toml"), "--out", str(out)]) == 0
+        assert "keystore-h2.json  -> host 'h2': 2 pairs" in capsys.readouterr().out
+        (reference,) = captured
+        environment = dict(os.environ, TVDNET_KEYSTORE_PASSPHRASE=PASSPHRASE)
+        processes = {
+            host: subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "tvdnet-bridge"),
+                    "run",
+                    "--config",
+                    str(tmp / host / "tvd.toml"),
+                    "--keystore",
+                    str(out / f"keystore-{host}.json"),
+                    "--host",
+                    host,
+                    "--control",
+                    str(tmp / host / "ctl" / "control.sock"),
+                ],
+                stderr=subprocess.PIPE,
+                text=True,
+                env=environment,
+            )  # fmt: skip
+            for host in ("h1", "h2")
+        }
+        control = {host: str(tmp / host / "ctl" / "control.sock") for host in ("h1", "h2")}
+        try:
+            update = _guest_update(tmp / "h1" / "b.sock", processes["h1"], "vm-b")
+            assert update["partials"] == reference.partials("vm-b", update["t"])
+            bundle = tmp / "vm-b.move"
+            move_out = ["move-out", "vm-b", "--to", "h2", "--bundle", str(bundle)]
+            assert main([*move_out, "--control", control["h1"]]) == 0
+            assert "2 pairs sealed for host h2" in capsys.readouterr().out
+            # kvm2's operator puts vm-b on h2 in h2's TVD file, then takes the bundle in.
+            (tmp / "h2" / "tvd.toml").write_text(TWO_HOSTS.format(epoch=epoch, b_host="h2"))
+            assert main(["move-in", str(bundle), "--control", control["h2"]]) == 0
+            assert "taken in from host h1" in capsys.readouterr().out
+            assert main(["move-in", str(bundle), "--control", control["h2"]]) == 2
+            assert "usable once" in capsys.readouterr().err
+            # vm-b's port now reaches h2's bridge: the same partials, from the other host.
+            update = _guest_update(tmp / "h2" / "b.sock", processes["h2"], "vm-b")
+            assert update["partials"] == reference.partials("vm-b", update["t"])
+            (tmp / "h1" / "tvd.toml").write_text(TWO_HOSTS.format(epoch=epoch, b_host="h2"))
+            assert main(["reload", "--control", control["h1"]]) == 0
+            assert "moved away (keys erased here): vm-b" in capsys.readouterr().out
+            assert main(["status", "--control", control["h1"]]) == 0
+            assert "vm-a: pairs with vm-b, vm-c on h2" in capsys.readouterr().out
+            for process in processes.values():
+                assert stop_process(process, timeout=60) == Stopped(0, killed=False)
+        finally:
+            for process in processes.values():
+                stop_process(process, timeout=5)
+        logs = ""
+        for process in processes.values():
+            if process.stderr:
+                logs += process.stderr.read()
+                process.stderr.close()
+        assert "Traceback" not in logs and "event=move-in vm=vm-b" in logs
+        assert not reference.all_key_hex(5) & set(logs.split())
+        stores = {
+            host: Keystore.load(out / f"keystore-{host}.json", bytearray(PASSPHRASE.encode()))
+            for host in ("h1", "h2")
+        }
+        names = {host: {tuple(p) for p in s.device_keys.pairs} for host, s in stores.items()}
+        assert names == {
+            "h1": {("vm-a", "vm-b"), ("vm-a", "vm-c")},
+            "h2": {("vm-a", "vm-b"), ("vm-a", "vm-c"), ("vm-b", "vm-c")},
+        }
