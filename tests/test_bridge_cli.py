@@ -427,7 +427,7 @@ def test_a_member_moves_between_two_real_bridges(
                 stderr=subprocess.PIPE,
                 text=True,
                 env=environment,
-            )  # fmt: skip
+            )
             for host in ("h1", "h2")
         }
         control = {host: str(tmp / host / "ctl" / "control.sock") for host in ("h1", "h2")}
