@@ -1123,6 +1123,10 @@ async def test_a_fake_bridge_finds_no_crash_and_the_node_serves_once_it_gets_rea
         }
         for name, data, expected in exchanges:
             got = await fake.says(data)
+            if not callable(expected) and hello_b not in expected:
+                # A welcomed node whose update is 1 s overdue says hello again every second
+                # (it may sit behind a migrated port): not an answer to this exchange.
+                got = [m for m in got if m != hello_b]
             if callable(expected):
                 assert (name, expected(got)) == (name, True), got
             else:

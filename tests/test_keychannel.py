@@ -276,6 +276,49 @@ def test_the_agent_says_hello_every_second_until_welcomed() -> None:
     assert w.agent.next_deadline() == 4.5
 
 
+def test_a_welcomed_agent_asks_again_for_an_overdue_update() -> None:
+    """Issue 19: after a live migration the guest's port may reach another host's bridge
+    without the guest seeing a hang-up; that bridge waits for a hello. So an update that
+    is 1 s overdue makes the agent say hello, every second until one comes."""
+    w = Wire()
+    now = mid(3)
+    w.push(3, now)
+    w.connect(now)
+    assert w.agent.last_update == 3
+    assert w.agent.next_deadline() == SCHEDULE.start(4) + 1.0  # nothing before it
+    w.from_node.clear()
+    # Period 4 begins; its update arrives in time: no hello.
+    w.push(4, SCHEDULE.start(4) + 0.2)
+    w.pump(SCHEDULE.start(4) + 0.2)
+    assert w.from_node == [channel.Ack(4, 1, ())]
+    assert w.agent.next_deadline() == SCHEDULE.start(5) + 1.0
+    # Period 5's never comes over this connection (the host end changed silently).
+    hellos = []
+    for _ in range(3):
+        at = w.agent.next_deadline()
+        w.agent.handle_timeout(at)
+        hellos += [(at, m) for m in channel.ChannelReader().feed(w.agent.data_to_send())]
+    start = SCHEDULE.start(5)
+    assert hellos == [(start + s, channel.Hello("vm-a", 4)) for s in (1.0, 2.0, 3.0)]
+    # The new bridge answers a hello with a welcome and the current update: quiet again.
+    w.bridge = VmChannel("vm-a", w.bridge._welcome)
+    w.push(5, start + 3.0)
+    w.bridge.connection_made(start + 3.0)
+    w.bridge.receive_data(channel.encode(channel.Hello("vm-a", 4)), start + 3.0)
+    w.pump(start + 3.0)
+    assert w.agent.last_update == 5
+    assert w.agent.next_deadline() == SCHEDULE.start(6) + 1.0
+
+
+def test_no_update_is_asked_for_after_the_last_period() -> None:
+    schedule = Schedule(0.0, 10.0, 3)
+    w = Wire(schedule)
+    w.push(3, mid(3, schedule))
+    w.connect(mid(3, schedule))
+    assert w.agent.last_update == 3
+    assert w.agent.next_deadline() == float("inf")
+
+
 def test_an_answer_arriving_slowly_postpones_the_next_hello() -> None:
     w = Wire()
     w.push(2, mid(2))

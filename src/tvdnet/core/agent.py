@@ -5,7 +5,11 @@ Whoever drives it opens the channel, calls `connection_made` (which queues a `he
 moves bytes with `receive_data` / `data_to_send`, calls `connection_lost` on EOF, HUP or
 EIO, and runs `handle_timeout` at `next_deadline()`: until a welcome arrives the agent
 asks to say hello again every second, so a bridge that restarts is found again without
-polling in a busy loop.
+polling in a busy loop. After it, a period whose update is 1 s overdue makes the agent say
+hello again (every second while it is missing): a port whose host end changed without the
+guest seeing a hang-up (a VM live-migrated to another host's bridge, issue 19) is found
+again before the skew allowance runs out, since every hello is answered with the current
+update (SPEC §5).
 
 Approach I (the virtual CD-ROM) feeds whole `UPDATE.MP` files to `apply_image`.
 """
@@ -163,6 +167,10 @@ class KeyAgent:
         if now >= self._hello_at:
             if self.state in (AgentState.WAIT_WELCOME, AgentState.DISCONNECTED):
                 self._say_hello(now)
+            elif self.state is AgentState.WELCOMED:
+                # The next period's update is overdue (an update moves this deadline on):
+                # ask again, and every second while it stays missing.
+                self._say_hello(now)
             else:
                 self._hello_at = math.inf
         held = self._held_image
@@ -212,6 +220,14 @@ class KeyAgent:
         self._out += channel.encode(channel.Hello(self.session.me, self.have()))
         self._hello_at = now + CHANNEL_HELLO_RETRY
 
+    def _overdue_at(self, now: float) -> float:
+        """When to ask again for an update that has not come: 1 s into the period after
+        the newest one applied, and at least 1 s from now (never a burst of hellos)."""
+        t = self.last_update + 1
+        if t > self.schedule.periods:
+            return math.inf
+        return max(self.schedule.start(t), now) + CHANNEL_HELLO_RETRY
+
     def _refuse(self, reason: str, detail: str) -> None:
         self._out += channel.encode(channel.Error(reason))
         self._events.append(ChannelRefused(reason, detail))
@@ -255,7 +271,7 @@ class KeyAgent:
             )
             return
         self.state = AgentState.WELCOMED
-        self._hello_at = math.inf
+        self._hello_at = self._overdue_at(now)
         missing = self._set_members(welcome.members, now)
         self._events.append(Welcomed(welcome.members, missing))
 
@@ -287,4 +303,6 @@ class KeyAgent:
         if ack:
             self._out += channel.encode(channel.Ack(update.t, applied, tuple(missing)))
             self._ack_since = now
+            if self.state is AgentState.WELCOMED:
+                self._hello_at = self._overdue_at(now)
         self._events.append(KeysUpdated(update.t, applied, missing))
