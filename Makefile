@@ -29,9 +29,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/core.py
 
 # Three real QEMU guests (TCG), the real bridge, real virtio-serial ports (needs root;
-# installs QEMU, a kernel and busybox with apt when they are missing).
+# installs QEMU, a kernel and busybox with apt when they are missing); then a TVD on two
+# hosts (network namespaces) with a guest live-migrated from one to the other.
 e2e: $(STAMP)
 	$(BIN)/python e2e/run.py
+	$(BIN)/python e2e/migrate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

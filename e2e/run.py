@@ -208,8 +208,16 @@ class Guest:
         await self.control.send_all(line.encode() + b"\n")
 
     async def wait(self, kind: str, timeout: float) -> dict[str, Any]:
+        """The guest's last `kind` report; Failure if it crashed, exited or timed out first."""
         with trio.move_on_after(timeout):
-            await self.events[kind].wait()
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: str) -> None:
+                    await self.events[event].wait()
+                    nursery.cancel_scope.cancel()
+
+                for event in (kind, "crash", "exited"):
+                    nursery.start_soon(until, event)
         found = [r for r in self.reports if r["type"] == kind]
         if not found:
             crash = [r for r in self.reports if r["type"] == "crash"]

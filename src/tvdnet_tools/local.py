@@ -125,6 +125,7 @@ class LocalMember:
     address: str
     channel: str
     key_channel: str
+    host: str | None = None  # the host whose bridge serves it (a TVD on several hosts)
 
 
 class LocalTvd:
@@ -177,7 +178,9 @@ class LocalTvd:
         if self.pairs is not None:
             document["pairs"] = self.pairs
         document["members"] = [
-            {"id": m.id, "address": m.address, "channel": m.channel} for m in self.members.values()
+            {"id": m.id, "address": m.address, "channel": m.channel}
+            | ({"host": m.host} if m.host is not None else {})
+            for m in self.members.values()
         ]
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tvd_file.write_text(
