@@ -432,6 +432,8 @@ def test_a_member_moves_between_two_real_bridges(
         }
         control = {host: str(tmp / host / "ctl" / "control.sock") for host in ("h1", "h2")}
         try:
+            for host, process in processes.items():  # both bridges up and answering
+                _connect(Path(control[host]), process).close()
             update = _guest_update(tmp / "h1" / "b.sock", processes["h1"], "vm-b")
             assert update["partials"] == reference.partials("vm-b", update["t"])
             bundle = tmp / "vm-b.move"

@@ -5,6 +5,7 @@ vm-a and vm-b start on host h1, vm-c on h2; h3 is a host of the TVD with no memb
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,9 +30,16 @@ START_HOSTS = {"vm-a": "h1", "vm-b": "h1", "vm-c": "h2"}
 NOW = start_of(5) + 1.0  # provisioning happens in period 5
 
 
+PORTS: dict[str, StreamPort] = {}  # one port object per VM and host, as a file names one
+
+
+def port(vm: str, host: str) -> StreamPort:
+    return PORTS.setdefault(f"{vm}@{host}", StreamPort(f"{vm}@{host}"))
+
+
 def config(hosts: dict[str, str] = START_HOSTS, tvd: str = "test-tvd") -> TvdConfig:
     members = [
-        MemberConfig(vm, f"127.0.0.1:{7000 + i}", StreamPort(f"{vm}@{hosts[vm]}"), hosts[vm])
+        MemberConfig(vm, f"127.0.0.1:{7000 + i}", port(vm, hosts[vm]), hosts[vm])
         for i, vm in enumerate(IDS)
     ]
     return TvdConfig.for_schedule(tvd, SCHEDULE, members, hosts=("h1", "h2", "h3"))
@@ -361,3 +369,38 @@ async def test_a_bridge_serves_only_its_hosts_members(
         status = bridge.status().to_json()
         assert status["host"] == "h2"
         assert status["pairs_elsewhere"] == {"vm-c": {"h1": ["vm-a", "vm-b"]}}
+
+
+async def test_a_tvd_file_that_puts_a_member_here_before_its_keys_is_refused(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    paths = provisioned(tmp_path)
+    store = Keystore.load(paths["h2"], None)
+    with pytest.raises(ConfigError, match=r"members\[1\]\.host: puts vm-b on this host \(h2\), "
+                       r"but its keys for vm-a are not in this host's keystore"):  # fmt: skip
+        async with open_bridge(
+            config(MOVED), store.device_keys, keystore=store, clock=clock_at(start_of(6))
+        ):
+            pass  # pragma: no cover
+    assert Keystore.load(paths["h2"], None).device_keys.period == 5  # nothing was written
+
+
+async def test_a_move_in_with_other_changes_in_the_file_is_refused(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    hosts = Hosts(provisioned(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await hosts.run(nursery, start_of(6) + 1.0)
+        a, b = hosts.bridges["h1"], hosts.bridges["h2"]
+        _, bundle = a.move_out("vm-b", "h2")
+        edited = config(MOVED)
+        members = list(edited.members)
+        members[2] = dataclasses.replace(members[2], address="127.0.0.1:9999")
+        edited = dataclasses.replace(edited, members=tuple(members))
+        with pytest.raises(MoveError, match="changed more than vm-b's entry"):
+            await b.move_in(bundle, edited)
+        assert b.vms == ("vm-c",)
+        # The same bundle still goes in once the file says only the move.
+        await b.move_in(bundle, config(MOVED))
+        assert list(b.vms) == ["vm-c", "vm-b"]
+        nursery.cancel_scope.cancel()

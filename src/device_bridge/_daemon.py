@@ -285,6 +285,7 @@ class Bridge:
                     f"another process answers on {channel.path}: is a bridge already "
                     "serving this TVD? Stop it first, or give this one other channel paths",
                 )
+        self._check_pairs_held(self.config)
         keys = self._keys
         before = keys.period
         target = min(self._period_now() or 1, self.schedule.periods)
@@ -313,6 +314,28 @@ class Bridge:
             keystore_ms=(self.last_keystore_write_s or 0) * 1000 if self._keystore else None,
         )
         self._members = self._member_lists()
+
+    def _check_pairs_held(self, config: TvdConfig, skip: str | None = None) -> None:
+        """Every member this host serves needs the device key of each of its pairs: a TVD
+        file that puts a member here before its keys came (`move-in`) is refused."""
+        expected = config.pair_list()
+        held = set(self._keys.pairs)
+        ids = config.ids
+        for i, member in enumerate(config.members):
+            if member.host != self.host or member.id == skip:
+                continue
+            if expected is None:
+                peers = [other for other in ids if other != member.id]
+            else:
+                peers = [b if a == member.id else a for a, b in expected if member.id in (a, b)]
+            missing = [peer for peer in peers if Pair.of(member.id, peer) not in held]
+            if missing:
+                raise config.error(
+                    f"members[{i}].host",
+                    f"puts {member.id} on this host ({self.host}), but its keys for "
+                    f"{', '.join(missing)} are not in this host's keystore: take it in with "
+                    "`tvdnet-bridge move-in`, or give its host as before",
+                )
 
     def _evolve_to(self, t: int) -> None:
         if self._keystore is not None:
@@ -594,6 +617,17 @@ class Bridge:
         if config.tvd != self.tvd:
             raise config.error("tvd", f"is {config.tvd!r}, but this bridge serves {self.tvd!r}")
         config.check_schedule(self.schedule)
+        others = [m for m in config.members if m.id != header.vm]
+        if (
+            others != [m for m in self.config.members if m.id != header.vm]
+            or config.ids != self.config.ids
+            or config.pairs != self.config.pairs
+            or set(config.hosts) != set(self.config.hosts)
+        ):
+            raise MoveError(
+                f"the TVD file changed more than {header.vm}'s entry: `tvdnet-bridge reload` "
+                "the other changes first, then take the bundle in"
+            )
         _check_transports(config, self._allow_dev, self.host)
         if header.t != self._keys.period:  # a period began while the file was read
             raise MoveError(f"period {self._keys.period} began meanwhile: make a new bundle")
