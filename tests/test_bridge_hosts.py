@@ -14,12 +14,12 @@ import trio
 import trio.testing
 from bridge_fakes import SCHEDULE, Reference, clock_at, start_of
 
-from device_bridge import _provision
+from device_bridge import _daemon, _provision
 from device_bridge._config import MemberConfig, TvdConfig, load_config
 from device_bridge._control import _read_bundle, _write_bundle
-from device_bridge._daemon import Bridge, open_bridge
+from device_bridge._daemon import Bridge, MoveResult, open_bridge
 from device_bridge._keystore import Keystore
-from device_bridge._moves import peek_bundle, seal_bundle
+from device_bridge._moves import open_bundle, peek_bundle, seal_bundle
 from device_bridge._provision import keystore_paths, provision
 from device_bridge._transports import StreamPort
 from device_bridge.errors import ConfigError, KeystoreError, MoveError, ProvisionError, ReloadError
@@ -208,6 +208,17 @@ class Hosts:
 MOVED = {**START_HOSTS, "vm-b": "h2"}
 
 
+async def move_out(bridge: Bridge, vm: str, target: str) -> tuple[MoveResult, bytes]:
+    """`Bridge.move_out`, the bundle kept in memory instead of a file."""
+    written: list[bytes] = []
+
+    async def write(bundle: bytes) -> None:
+        written.append(bundle)
+
+    result = await bridge.move_out(vm, target, write)
+    return result, written[0]
+
+
 async def test_a_member_moves_and_the_old_host_keeps_no_pair_without_a_member(
     tmp_path: Path, captured: list[Reference], mock_clock: trio.testing.MockClock
 ) -> None:
@@ -225,7 +236,7 @@ async def test_a_member_moves_and_the_old_host_keeps_no_pair_without_a_member(
             await a.reload(config(MOVED))
         assert a.vms == ("vm-a", "vm-b")
 
-        moved, bundle = a.move_out("vm-b", "h2")
+        moved, bundle = await move_out(a, "vm-b", "h2")
         assert (moved.t, moved.pairs) == (6, 2)
         assert (
             b"dev" not in bundle
@@ -274,8 +285,8 @@ async def test_a_bundle_that_is_not_for_this_host_now_changes_nothing(
     async with trio.open_nursery() as nursery:
         await hosts.run(nursery, start_of(6) + 1.0)
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
-        _, bundle = a.move_out("vm-b", "h2")
-        _, for_h3 = a.move_out("vm-b", "h3")
+        _, bundle = await move_out(a, "vm-b", "h2")
+        _, for_h3 = await move_out(a, "vm-b", "h3")
         before = (hosts.payload("h2"), set(b._keys.pairs), b.vms)
         document = json.loads(bundle)
         flipped = document["ciphertext"][:-2] + format(
@@ -304,7 +315,12 @@ async def test_a_bundle_that_is_not_for_this_host_now_changes_nothing(
             await b.move_in(bundle, config(MOVED))
         await b.wait_keystore()
         assert (set(b._keys.pairs), b.vms) == before[1:]
-        assert json.loads(hosts.payload("h2"))["moves_in"] == []
+        # Nothing was written either: the file holds what it held, at the new period.
+        after = json.loads(hosts.payload("h2"))
+        assert after["moves_in"] == [] and after["members"] == json.loads(before[0])["members"]
+        assert [e["pair"] for e in after["device_keys"]] == [
+            e["pair"] for e in json.loads(before[0])["device_keys"]
+        ]
         nursery.cancel_scope.cancel()
 
 
@@ -315,7 +331,7 @@ async def test_a_move_undone_before_the_migration_leaves_one_host_serving(
     async with trio.open_nursery() as nursery:
         await hosts.run(nursery, start_of(6) + 1.0)
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
-        _, bundle = a.move_out("vm-b", "h2")
+        _, bundle = await move_out(a, "vm-b", "h2")
         await b.move_in(bundle, config(MOVED))
         # The migration failed: h2 lets vm-b go again; h1 never stopped serving it.
         result = await b.reload(config())
@@ -346,10 +362,14 @@ def test_a_bundle_holds_no_key_in_the_clear() -> None:
         tvd="t", vm="vm-b", source="h1", target="h2", t=3, transfer_t=bytes(32),
         keys={Pair.of("vm-a", "vm-b"): key},
     )  # fmt: skip
-    assert key.hex().encode() not in bundle and key not in bundle
+    assert key.hex().encode() not in bundle
     header, _, _ = peek_bundle(bundle)
     assert (header.vm, header.source, header.target, header.t) == ("vm-b", "h1", "h2", 3)
-    assert "dev" not in repr(header)
+    opened = open_bundle(bundle, bytes(32), ["vm-a", "vm-b"])
+    assert bytes(opened.keys[Pair.of("vm-a", "vm-b")]) == key
+    assert key.hex() not in repr(opened)
+    opened.erase()
+    assert not opened.keys
 
 
 async def test_a_bridge_serves_only_its_hosts_members(
@@ -392,7 +412,7 @@ async def test_a_move_in_with_other_changes_in_the_file_is_refused(
     async with trio.open_nursery() as nursery:
         await hosts.run(nursery, start_of(6) + 1.0)
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
-        _, bundle = a.move_out("vm-b", "h2")
+        _, bundle = await move_out(a, "vm-b", "h2")
         edited = config(MOVED)
         members = list(edited.members)
         members[2] = dataclasses.replace(members[2], address="127.0.0.1:9999")
@@ -403,4 +423,111 @@ async def test_a_move_in_with_other_changes_in_the_file_is_refused(
         # The same bundle still goes in once the file says only the move.
         await b.move_in(bundle, config(MOVED))
         assert list(b.vms) == ["vm-c", "vm-b"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_removed_from_the_tvd_on_another_host_leaves_no_pair_here(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    hosts = Hosts(provisioned(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await hosts.run(nursery, start_of(6) + 1.0)
+        a = hosts.bridges["h1"]
+        without_c = dataclasses.replace(config(), members=config().members[:2])
+        result = await a.reload(without_c)
+        assert result.removed == ("vm-c",)
+        assert set(a._keys.pairs) == pairs(("vm-a", "vm-b"))
+        await a.wait_keystore()
+        # The keystore stays loadable: no pair names a member it no longer lists.
+        assert set(Keystore.load(hosts.stores["h1"].path, None).device_keys.pairs) == pairs(
+            ("vm-a", "vm-b")
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_reload_lets_a_member_go_and_removes_another(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    hosts = Hosts(provisioned(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await hosts.run(nursery, start_of(6) + 1.0)
+        a = hosts.bridges["h1"]
+        await move_out(a, "vm-b", "h2")
+        moved_without_c = dataclasses.replace(config(MOVED), members=config(MOVED).members[:2])
+        result = await a.reload(moved_without_c)
+        assert (result.removed, result.moved_away) == (("vm-c",), ("vm-b",))
+        assert list(a.vms) == ["vm-a"]
+        assert set(a._keys.pairs) == pairs(("vm-a", "vm-b"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_host_that_let_a_member_go_can_still_seal_its_pairs_for_the_new_host(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """h1 was started on a file that already put vm-b on h2 (edited while it was down),
+    and h2 never took vm-b in: h1 erased {vm-b, vm-c} (h2 holds it: vm-c is there) and
+    keeps {vm-a, vm-b}, which it seals for h2 although it no longer serves vm-b."""
+    paths = provisioned(tmp_path)
+    h1 = Keystore.load(paths["h1"], None)
+    async with open_bridge(
+        config(MOVED), h1.device_keys, keystore=h1, clock=clock_at(start_of(6) + 1.0)
+    ) as a:
+        assert list(a.vms) == ["vm-a"]
+        assert set(a._keys.pairs) == pairs(("vm-a", "vm-b"), ("vm-a", "vm-c"))
+        result, bundle = await move_out(a, "vm-b", "h2")
+        assert result.pairs == 1
+    h2 = Keystore.load(paths["h2"], None)
+    async with open_bridge(
+        config(), h2.device_keys, keystore=h2, clock=clock_at(start_of(6) + 2.0)
+    ) as b:
+        await b.move_in(bundle, config(MOVED))
+        assert set(b._keys.pairs) == pairs(("vm-a", "vm-b"), ("vm-a", "vm-c"), ("vm-b", "vm-c"))
+        assert list(b.vms) == ["vm-c", "vm-b"]
+
+
+async def test_a_bundle_that_was_not_stored_is_no_move(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    hosts = Hosts(provisioned(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await hosts.run(nursery, start_of(6) + 1.0)
+        a = hosts.bridges["h1"]
+
+        async def fail(bundle: bytes) -> None:
+            raise MoveError("disk full")
+
+        with pytest.raises(MoveError, match="disk full"):
+            await a.move_out("vm-b", "h2", fail)
+        with pytest.raises(ReloadError, match="no bundle of its keys was made"):
+            await a.reload(config(MOVED))
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_same_bundle_taken_in_twice_at_once_goes_in_once(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hosts = Hosts(provisioned(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await hosts.run(nursery, start_of(6) + 1.0)
+        a, b = hosts.bridges["h1"], hosts.bridges["h2"]
+        _, bundle = await move_out(a, "vm-b", "h2")
+        outcomes: list[str] = []
+
+        async def take() -> None:
+            try:
+                await b.move_in(bundle)  # b's file has no path: its own config, in a thread
+                outcomes.append("in")
+            except MoveError as exc:
+                outcomes.append(str(exc))
+
+        # h2's file, edited by the operator, read in a worker thread by each call: both
+        # calls pass the first checks before either applies the bundle.
+        moved = config(MOVED)
+        monkeypatch.setattr(_daemon, "load_config", lambda path: moved)
+        b.config = dataclasses.replace(b.config, path=tmp_path / "h2.toml")
+        async with trio.open_nursery() as both:
+            both.start_soon(take)
+            both.start_soon(take)
+        assert sorted(outcomes)[0] == "in" and "usable once" in sorted(outcomes)[1]
+        assert len(hosts.stores["h2"].moves_in) == 1
         nursery.cancel_scope.cancel()

@@ -90,11 +90,17 @@ async def _handle(bridge: Bridge, request: dict[str, Any]) -> dict[str, Any]:
                 vm, target = request.get("vm"), request.get("to")
                 if not isinstance(vm, str) or not isinstance(target, str):
                     raise MoveError("move-out needs the VM and the host it goes to")
-                move, bundle = bridge.move_out(vm, target)
-                await trio.to_thread.run_sync(_write_bundle, path, bundle)
+
+                async def write(bundle: bytes) -> None:
+                    await trio.to_thread.run_sync(_write_bundle, path, bundle)
+
+                move = await bridge.move_out(vm, target, write)
             else:
                 data = await trio.to_thread.run_sync(_read_bundle, path)
-                move = await bridge.move_in(data)
+                try:
+                    move = await bridge.move_in(data)
+                except MoveError as exc:
+                    raise MoveError(f"{path}: {exc}") from None
         except TvdnetError as exc:
             emit(logging.ERROR, f"{command}-failed", why=str(exc))
             raise

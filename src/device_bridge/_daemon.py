@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +167,9 @@ class Bridge:
         self.config = config
         self.host = host  # the members of this host are the ones this bridge serves
         self._moved_out: dict[str, str] = {}  # vm -> the host its bundle was made for
-        self._moved_in: set[str] = set()  # members taken in by a bundle while running
+        # Members taken in by a bundle while running, and the host each came from: it may
+        # go back there (a move undone) without a bundle, as that host still serves it.
+        self._moved_in: dict[str, str] = {}
         self.schedule = schedule
         self._keys = device_keys
         self._keystore = keystore
@@ -295,6 +297,7 @@ class Bridge:
         for vm in removed:
             dropped = self._drop_keys(vm)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="start")
+        self._erase_pairs_not_needed(self.config, "start")
         self._records()
         if self._keystore is not None:
             started = time.perf_counter()
@@ -336,6 +339,22 @@ class Bridge:
                     f"{', '.join(missing)} are not in this host's keystore: take it in with "
                     "`tvdnet-bridge move-in`, or give its host as before",
                 )
+
+    def _erase_pairs_not_needed(self, config: TvdConfig, at: str) -> int:
+        """SPEC §1: a host holds exactly the pairs with a member on it. Erase the others
+        (a member that moved away; the file edited while the bridge was down): each is
+        still held by the host of each of its members."""
+        host_of = {m.id: m.host for m in config.members}
+        gone = [
+            pair
+            for pair in self._keys.pairs
+            if self.host not in (host_of.get(pair.lo), host_of.get(pair.hi))
+        ]
+        erased = self._keys.drop_pairs(gone)
+        if erased:
+            emit(logging.WARNING, "pairs-erased", pairs=erased, at=at,
+                 why="no member of theirs is on this host")  # fmt: skip
+        return erased
 
     def _evolve_to(self, t: int) -> None:
         if self._keystore is not None:
@@ -544,16 +563,23 @@ class Bridge:
 
     # ------------------------------------------------------------------ moves (SPEC §6)
 
-    def move_out(self, vm: str, target: str) -> tuple[MoveResult, bytes]:
-        """Seal `vm`'s current device keys into a bundle for host `target` (it keeps being
-        served here until a reload names its new host)."""
+    async def move_out(
+        self, vm: str, target: str, write: Callable[[bytes], Awaitable[None]]
+    ) -> MoveResult:
+        """Seal the current device keys of `vm`'s pairs held here into a bundle for host
+        `target` and hand it to `write` (which stores it); only then is the move recorded.
+        A member served here keeps being served until a reload names its new host. One
+        that is not (it left already) can still be sealed: its pairs with this host's
+        members are here, and its new host may need them (SPEC §6)."""
         keystore = self._keystore
-        if vm not in self._running:
-            raise MoveError(f"{vm!r} is not served by this bridge (host {self.host})")
+        if keystore is None:
+            raise MoveError("this bridge runs without a keystore: it has no transfer keys")
+        if not any(vm in pair for pair in self._keys.pairs):
+            raise MoveError(f"this host ({self.host}) holds no pair of {vm!r}")
         if target == self.host:
             raise MoveError(f"{vm!r} is already on host {target!r}")
         link = Pair.of(self.host, target) if target != self.host else None
-        if keystore is None or link is None or link not in keystore.transfer_keys.pairs:
+        if link is None or link not in keystore.transfer_keys.pairs:
             raise MoveError(
                 f"this host has no transfer key with {target!r}: a move goes only between "
                 "hosts the TVD was provisioned with (its `hosts`)"
@@ -569,10 +595,11 @@ class Bridge:
             transfer_t=keystore.transfer_keys.key_bytes(link),
             keys=keys,
         )
-        self._moved_out[vm] = target
         result = MoveResult(vm, self.host, target, t, len(keys))
+        await write(bundle)  # a bundle that was not stored is no move
+        self._moved_out[vm] = target
         emit(logging.INFO, "move-out", vm=vm, to=target, t=t, pairs=len(keys))
-        return result, bundle
+        return result
 
     async def move_in(self, data: bytes, config: TvdConfig | None = None) -> MoveResult:
         """Take in a bundle made for this host: re-read the TVD file (which must now put the
@@ -603,8 +630,6 @@ class Bridge:
                 f"{self._keys.period}: a bundle opens only in its own period (check both "
                 "hosts' clocks); make a new one"
             )
-        if header.vm in self._running:
-            raise MoveError(f"{header.vm!r} is served here already")
         if config is None and self.config.path is not None:
             config = await trio.to_thread.run_sync(load_config, self.config.path)
         elif config is None:
@@ -631,6 +656,8 @@ class Bridge:
         _check_transports(config, self._allow_dev, self.host)
         if header.t != self._keys.period:  # a period began while the file was read
             raise MoveError(f"period {self._keys.period} began meanwhile: make a new bundle")
+        if any(m.id == header.id for m in keystore.moves_in):  # taken in meanwhile
+            raise MoveError("this bundle was taken in already: a bundle is usable once")
         opened = open_bundle(data, keystore.transfer_keys.key_bytes(link), config.ids)
         count = len(opened.keys)
         try:
@@ -654,11 +681,14 @@ class Bridge:
         self._members = self._member_lists()
         self._records()
         member = config.member(header.vm)
-        self._running[member.id] = running = _Running(self._new_worker(member))
-        self._moved_in.add(member.id)
+        if member.id not in self._running:
+            self._running[member.id] = running = _Running(self._new_worker(member))
+            self._moved_in.setdefault(member.id, header.source)
+            self._launch(running)
         if self.period is not None:
+            # Served already (a second bundle, from another peer's host): the update it
+            # gets now carries the pairs just taken in.
             self._push(self.period, only={member.id})
-        self._launch(running)
         self._mark_keystore_dirty()
         emit(
             logging.INFO, "move-in", vm=header.vm, source=header.source, t=header.t,
@@ -697,39 +727,35 @@ class Bridge:
             vm for vm in self._running if vm in config.ids and config.host_of(vm) != self.host
         ]
         for vm in leaving:
-            # Its keys go from here: only once another host holds them (a bundle was made
-            # for it), or when it came in by a move that is now undone (SPEC §6).
-            if self._moved_out.get(vm) != config.host_of(vm) and vm not in self._moved_in:
+            # Its keys go from here only once a bundle was made for its new host, or when
+            # a move in is undone: back to the host it came from (SPEC §6).
+            target = config.host_of(vm)
+            if self._moved_out.get(vm) != target and self._moved_in.get(vm) != target:
                 raise ReloadError(
-                    f"{vm} is on host {config.host_of(vm)} in the TVD file, but no bundle of "
-                    f"its keys was made for that host: run `tvdnet-bridge move-out {vm} --to "
-                    f"{config.host_of(vm)}` first (else its pairs' keys would be lost)"
+                    f"{vm} is on host {target} in the TVD file, but no bundle of its keys was "
+                    f"made for that host: run `tvdnet-bridge move-out {vm} --to {target}` "
+                    "first (else that host could not serve it)"
                 )
         _check_transports(config, self._allow_dev, self.host)
         # From here on nothing awaits: the change is applied as one step.
-        removed = tuple(vm for vm in self._running if vm not in config.ids)
+        # Removed from the TVD, whichever host served it: its pairs go everywhere.
+        removed = tuple(vm for vm in before if vm not in config.ids)
         for vm in removed:
-            running = self._running.pop(vm)
-            running.scope.cancel()  # closes its connection
+            running = self._running.pop(vm, None)
+            if running is not None:
+                running.scope.cancel()  # closes its connection
             dropped = self._drop_keys(vm)
             self._rollouts.forget(vm)
+            self._moved_out.pop(vm, None)
+            self._moved_in.pop(vm, None)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
         for vm in leaving:
             self._running.pop(vm).scope.cancel()
             self._rollouts.forget(vm)
             self._moved_out.pop(vm, None)
-            self._moved_in.discard(vm)
-            # Pairs with a member still served here stay; the others are erased.
-            gone = [
-                pair
-                for pair in self._keys.pairs
-                if vm in pair and config.host_of(pair.other(vm)) != self.host
-            ]
-            dropped = self._keys.drop_pairs(gone)
-            emit(
-                logging.WARNING, "member-moved-away", vm=vm, to=config.host_of(vm),
-                pairs_erased=dropped,
-            )  # fmt: skip
+            self._moved_in.pop(vm, None)
+            emit(logging.WARNING, "member-moved-away", vm=vm, to=config.host_of(vm))
+        self._erase_pairs_not_needed(config, "reload")
         changes = tuple(
             (member.id, what, str(old), str(new))
             for member in config.members
