@@ -1,0 +1,110 @@
+"""One node of `tvdnet soak`: a real node process and the application whose record the
+checker reads.
+
+    python -m tvdnet_tools.soakworker NODE.toml --incarnation K --peers a,b,c
+                                      --record FILE [--interval S] [--send-timeout S]
+
+To each peer it sends `[incarnation, n]` every `interval` seconds, n counting from 0 per
+peer in each incarnation (a process start), and it records every event as one JSON line,
+appended and flushed at once (a SIGKILL loses at most the line being written):
+
+    {"e": "start", "inc": K, "t": T}
+    {"e": "sent", "to": PEER, "inc": K, "n": N, "ok": true, "lat": S, "t": T}   acknowledged
+    {"e": "sent", "to": PEER, "inc": K, "n": N, "ok": false, "t": T}   SendTimeout: queued
+    {"e": "recv", "from": PEER, "inc": K2, "n": N, "t": T}                delivered
+    {"e": "final", "inc": K, "stats": {...}, "t": T}                     after SIGTERM
+
+SIGUSR1 stops the senders (the node keeps delivering what is queued and receiving);
+SIGTERM then records the node's counters and closes the node cleanly.
+`T` is CLOCK_MONOTONIC, which every process on the machine shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from tvdnet import Node, NodeConfig, SendTimeout, open_node
+
+
+class Record:
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = path.open("a", buffering=1)
+
+    def write(self, **event: Any) -> None:
+        event["t"] = round(time.monotonic(), 4)
+        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def _send_to(
+    node: Node, peer: str, incarnation: int, args: argparse.Namespace, record: Record
+) -> None:
+    n = 0
+    while True:
+        began = time.monotonic()
+        try:
+            await node.send(peer, [incarnation, n], timeout=args.send_timeout)
+        except SendTimeout:
+            record.write(e="sent", to=peer, inc=incarnation, n=n, ok=False)
+        else:
+            lat = round(time.monotonic() - began, 4)
+            record.write(e="sent", to=peer, inc=incarnation, n=n, ok=True, lat=lat)
+        n += 1
+        await trio.sleep(args.interval)
+
+
+async def _receive(node: Node, record: Record) -> None:
+    async for message in node:
+        incarnation, n = message.body
+        record.write(e="recv", **{"from": message.sender}, inc=incarnation, n=n)
+
+
+async def main(args: argparse.Namespace) -> None:
+    record = Record(args.record)
+    config = NodeConfig.load(args.config)
+    try:
+        async with open_node(config) as node, trio.open_nursery() as nursery:
+            record.write(e="start", inc=args.incarnation)
+            nursery.start_soon(_receive, node, record)
+            stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+            with trio.open_signal_receiver(*stops) as signals:
+                async with trio.open_nursery() as senders:
+                    for peer in args.peers:
+                        senders.start_soon(_send_to, node, peer, args.incarnation, args, record)
+                    async for signum in signals:
+                        senders.cancel_scope.cancel()  # SIGUSR1: stop sending, keep serving
+                        if signum != signal.SIGUSR1:
+                            break
+                async for signum in signals:
+                    if signum != signal.SIGUSR1:
+                        break
+            record.write(e="final", inc=args.incarnation, stats=dict(node.stats))
+            nursery.cancel_scope.cancel()
+    finally:
+        record.close()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tvdnet_tools.soakworker")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--incarnation", type=int, required=True)
+    parser.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], required=True)
+    parser.add_argument("--record", type=Path, required=True)
+    parser.add_argument("--interval", type=float, default=0.2)
+    parser.add_argument("--send-timeout", type=float, default=30.0)
+    trio.run(main, parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

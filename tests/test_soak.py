@@ -1,0 +1,133 @@
+"""`tvdnet soak` (issue 20): its checker on records made by hand, and a real seeded soak."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tvdnet_tools.soak import FAULTS, BridgeProcess, NodeProcess, Soak, check
+
+ARGS = argparse.Namespace(seed=5, duration=10.0, period=1.0, faults=list(FAULTS))
+
+
+def soak_with(tmp_path: Path, records: dict[str, list[dict[str, Any]]], **logs: str) -> Soak:
+    """A finished soak whose applications recorded `records` (t is filled in)."""
+    soak = Soak(ARGS, tmp_path)
+    for vm, events in records.items():
+        record = tmp_path / f"{vm}.jsonl"
+        record.write_text("".join(json.dumps({"t": 1.0, **e}) + "\n" for e in events))
+        log = tmp_path / f"{vm}.log"
+        log.write_text(logs.get(vm, ""))
+        node = NodeProcess(vm, tmp_path / f"{vm}.toml", [], record, log, 0.5)
+        node.incarnation = max((e["inc"] for e in events if e["e"] == "start"), default=1)
+        soak.nodes[vm] = node
+        soak.final[vm] = node.incarnation
+    (tmp_path / "bridge.log").write_text(logs.get("bridge", ""))
+    soak.bridge = BridgeProcess([], tmp_path / "bridge.log")
+    return soak
+
+
+def start(inc: int) -> dict[str, Any]:
+    return {"e": "start", "inc": inc}
+
+
+def sent(to: str, inc: int, n: int, ok: bool = True) -> dict[str, Any]:
+    return {"e": "sent", "to": to, "inc": inc, "n": n, "ok": ok, "lat": 0.01}
+
+
+def recv(sender: str, inc: int, n: int) -> dict[str, Any]:
+    return {"e": "recv", "from": sender, "inc": inc, "n": n}
+
+
+def test_a_clean_run_passes(tmp_path: Path) -> None:
+    report = check(
+        soak_with(
+            tmp_path,
+            {
+                "a": [start(1), sent("b", 1, 0), sent("b", 1, 1), recv("b", 1, 0)],
+                "b": [start(1), recv("a", 1, 0), recv("a", 1, 1), sent("a", 1, 0)],
+            },
+        )
+    )
+    assert report["ok"] and report["violations"] == []
+    assert (report["messages_sent"], report["lost"], report["duplicates"]) == (3, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "problem"),
+    [
+        # b got a's message 0 twice in one instance.
+        ([start(1), sent("b", 1, 0)], [start(1), recv("a", 1, 0), recv("a", 1, 0)],
+         "duplicate: b#1 got a#1 message 0 again"),
+        # acknowledged, never received by any instance of b.
+        ([start(1), sent("b", 1, 0), sent("b", 1, 1)], [start(1), recv("a", 1, 0)],
+         "lost: a#1 -> b message 1 (acked)"),
+        # a lived to the end: a message still queued (timed out) must arrive too.
+        ([start(1), sent("b", 1, 0, ok=False)], [start(1)], "lost: a#1 -> b message 0 (queued)"),
+        ([start(1), sent("b", 1, 0), sent("b", 1, 1)],
+         [start(1), recv("a", 1, 1), recv("a", 1, 0)], "out of order: b#1 got a#1 message 0"),
+    ],
+)  # fmt: skip
+def test_a_broken_promise_is_named(
+    tmp_path: Path, a: list[dict[str, Any]], b: list[dict[str, Any]], problem: str
+) -> None:
+    report = check(soak_with(tmp_path, {"a": a, "b": b}))
+    assert not report["ok"]
+    assert any(problem in v for v in report["violations"]), report["violations"]
+
+
+def test_what_a_restart_may_cost_is_not_a_violation(tmp_path: Path) -> None:
+    # a#1 was killed with message 1 unacknowledged: its queue died with it (SPEC §4).
+    # b#1 was killed after delivering a#2's message 0, which a re-sent to b#2.
+    soak = soak_with(
+        tmp_path,
+        {
+            "a": [start(1), sent("b", 1, 0), sent("b", 1, 1, ok=False), start(2), sent("b", 2, 0)],
+            "b": [start(1), recv("a", 1, 0), recv("a", 2, 0), start(2), recv("a", 2, 0)],
+        },
+    )
+    soak.nodes["a"].ended[1] = "killed"
+    soak.nodes["b"].ended[1] = "killed"
+    report = check(soak)
+    assert report["ok"], report["violations"]
+    assert (report["lost"], report["duplicates"], report["redelivered_after_restart"]) == (0, 0, 1)
+
+
+def test_a_traceback_or_a_key_in_a_log_fails_the_run(tmp_path: Path) -> None:
+    records = {"a": [start(1)], "b": [start(1)]}
+    report = check(soak_with(tmp_path, records, a="Traceback (most recent call last):\n"))
+    assert report["violations"] == ["a's log holds a traceback"]
+    report = check(soak_with(tmp_path, records, bridge="key=" + "ab" * 32 + "\n"))
+    assert report["violations"] == ["bridge's log holds something shaped like key material"]
+
+
+def test_a_cut_short_last_line_is_skipped(tmp_path: Path) -> None:
+    soak = soak_with(tmp_path, {"a": [start(1), sent("b", 1, 0)], "b": [start(1)]})
+    with soak.nodes["b"].record.open("a") as record:
+        record.write('{"e": "recv", "from": "a", "in')  # SIGKILL mid-write
+    report = check(soak)
+    assert report["lost"] == 1 and report["messages_received"] == 0
+
+
+def test_a_seeded_soak_keeps_every_promise(tmp_path: Path) -> None:
+    """Issue 20: 60 s of every kind of fault on five real node processes and a real
+    bridge, periods of 1 s. A failure prints the seed to replay it with."""
+    report_path = tmp_path / "soak.json"
+    command = [
+        sys.executable, "-m", "tvdnet", "soak", "--peers", "4", "--duration", "60",
+        "--period", "1", "--seed", "7", "--fault-every", "1.5", "--quiet",
+        "--json", str(report_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert report_path.exists(), done.stderr
+    report = json.loads(report_path.read_text())
+    assert (report["violations"], done.returncode) == ([], 0), done.stderr
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert report["messages_acked"] > 500
+    assert sum(report["faults_per_kind"].values()) >= 10
