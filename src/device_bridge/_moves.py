@@ -121,7 +121,7 @@ def seal_bundle(
     payload = json.dumps(
         {
             "device_keys": [
-                {"pair": [pair.lo, pair.hi], "dev": bytes(key).hex()} for pair, key in keys.items()
+                {"pair": [pair.lo, pair.hi], "dev": key.hex()} for pair, key in keys.items()
             ]
         },
         separators=(",", ":"),

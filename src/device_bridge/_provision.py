@@ -72,8 +72,10 @@ def _by_host(config: TvdConfig, keystores: Path | Mapping[str, Path]) -> dict[st
             "keystore of its own; give a directory (--out) instead of one keystore file"
         )
     missing = [host for host in config.hosts if host not in paths]
-    if missing or len(set(paths.values())) != len(paths):
-        raise ProvisionError(f"every host needs a keystore path of its own (missing: {missing})")
+    if missing:
+        raise ProvisionError(f"no keystore path for host(s) {', '.join(missing)}")
+    if len(set(paths.values())) != len(paths):
+        raise ProvisionError("two hosts were given the same keystore path: each needs its own")
     return paths
 
 
