@@ -131,3 +131,9 @@ def test_a_seeded_soak_keeps_every_promise(tmp_path: Path) -> None:
     assert report["lost"] == 0 and report["duplicates"] == 0
     assert report["messages_acked"] > 500
     assert sum(report["faults_per_kind"].values()) >= 10
+
+
+def test_a_node_that_does_not_stop_on_sigterm_fails_the_run(tmp_path: Path) -> None:
+    soak = soak_with(tmp_path, {"a": [start(1)], "b": [start(1)]})
+    soak.nodes["a"].ended[1] = "stuck"
+    assert check(soak)["violations"] == ["a#1 did not stop within 20 s of SIGTERM"]

@@ -11,11 +11,18 @@ every pair, and a nemesis that injects faults on a seeded random schedule:
 - `tcp-reset`: reset every TCP connection into a node (RST both ways) at its proxy;
 - `tcp-stall`: stop carrying a node's TCP connections for 0.5 to 3 s;
 - `tcp-halfopen`: close the dialer's side of a node's connections and leave the node's
-  side open and silent for 1 to 5 s (one side closed, the other never told).
+  side open and silent for 1 to 5 s (one side closed, the other never told);
+- `channel-cut`: reset a node's key channel (the node says hello again);
+- `update-withhold`: hold a node's key channel for 0.5 to 4 s, past the skew allowance at
+  times, so that the updates of a period change reach it late;
+- `clock-skew`: restart a node (SIGTERM) with its clock 0.2 to 1.5 s ahead or behind
+  (within the allowance), a test-only offset.
 
 Peers reach each node through a fault-injecting proxy on loopback (the TVD file gives the
-proxy's address; the node listens behind it). Not yet injected (issue 20 asks for them):
-key-channel cuts and withheld updates, clock skew, membership changes by `reload`.
+proxy's address; the node listens behind it), and each node reaches the bridge through
+another (a Unix socket in front of its key channel). Not yet injected (issue 20 asks for
+it): membership changes by `reload` (the bridge refuses a member back once removed: its
+keys are erased, so it needs provisioning again).
 
 The checker reads what the applications recorded (each `send()` result, each message
 received) and each process's log:
@@ -58,7 +65,10 @@ from .local import LocalMember, LocalTvd, console_command, free_port_block
 
 __all__ = ["FAULTS", "register", "run_soak"]
 
-FAULTS = ("bridge-kill", "node-kill", "node-term", "tcp-reset", "tcp-stall", "tcp-halfopen")
+FAULTS = (
+    "bridge-kill", "node-kill", "node-term", "tcp-reset", "tcp-stall", "tcp-halfopen",
+    "channel-cut", "update-withhold", "clock-skew",
+)  # fmt: skip
 SECRET = re.compile(r"\b[0-9a-f]{64}\b")
 DRAIN_S = 15.0  # after the last fault: time for queued messages to be delivered
 
@@ -91,19 +101,30 @@ def register(commands: Any) -> None:
 class Proxy:
     """Peers' connections to one node pass here: faults are applied to them."""
 
-    def __init__(self, listen_port: int, target_port: int) -> None:
-        self.listen_port = listen_port
-        self.target_port = target_port
+    def __init__(self, listen: int | Path, target: int | Path) -> None:
+        self.listen = listen  # a TCP port on 127.0.0.1, or a Unix socket path
+        self.target = target
         self.links: set[tuple[trio.SocketStream, trio.SocketStream]] = set()
         self.resume = trio.Event()
         self.resume.set()
 
     async def serve(self) -> None:
-        await trio.serve_tcp(self._handle, self.listen_port, host="127.0.0.1")
+        if isinstance(self.listen, int):
+            await trio.serve_tcp(self._handle, self.listen, host="127.0.0.1")
+            return
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(self.listen))
+        sock.listen(16)
+        await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
+
+    async def _connect(self) -> trio.SocketStream:
+        if isinstance(self.target, int):
+            return await trio.open_tcp_stream("127.0.0.1", self.target)
+        return await trio.open_unix_socket(str(self.target))
 
     async def _handle(self, outer: trio.SocketStream) -> None:
         try:
-            inner = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            inner = await self._connect()
         except OSError:
             await outer.aclose()
             return
@@ -157,11 +178,10 @@ class Proxy:
 
 def _abort(stream: trio.SocketStream) -> None:
     """Close with RST (SO_LINGER 0): the other end is told at once, by an error."""
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+    with contextlib.suppress(OSError):
+        if stream.socket.family != socket.AF_UNIX:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
         stream.socket.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------ the processes
@@ -176,6 +196,7 @@ class NodeProcess:
     log: Path
     interval: float
     incarnation: int = 0
+    clock_offset: float = 0.0
     process: trio.Process | None = None
     ended: dict[int, str] = field(default_factory=dict)  # incarnation -> how it ended
 
@@ -185,6 +206,7 @@ class NodeProcess:
             sys.executable, "-m", "tvdnet_tools.soakworker", str(self.config),
             "--incarnation", str(self.incarnation), "--peers", ",".join(self.peers),
             "--record", str(self.record), "--interval", str(self.interval),
+            "--clock-offset", str(self.clock_offset),
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.process = await trio.lowlevel.open_process(command, stderr=log)
@@ -203,7 +225,7 @@ class NodeProcess:
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
-            self.ended[self.incarnation] = "killed"
+            self.ended[self.incarnation] = "stuck"  # a graceful stop that did not stop
         else:
             self.ended[self.incarnation] = "stopped"
 
@@ -236,7 +258,8 @@ class Soak:
         self.rng = random.Random(args.seed)  # noqa: S311 -- a fault schedule, not keys
         self.faults: list[dict[str, Any]] = []
         self.nodes: dict[str, NodeProcess] = {}
-        self.proxies: dict[str, Proxy] = {}
+        self.proxies: dict[str, Proxy] = {}  # peers -> each node
+        self.channels: dict[str, Proxy] = {}  # each node -> the bridge (its key channel)
         self.bridge: BridgeProcess | None = None
         self.began = 0.0
         self.final: dict[str, int] = {}  # each node's instance that lived to the end
@@ -248,7 +271,7 @@ class Soak:
         base = free_port_block(2 * count)
         members = [
             LocalMember(vm, f"127.0.0.1:{base + i}", f"unix-listen:{vm}.sock",
-                        f"unix:{self.dir / (vm + '.sock')}")
+                        f"unix:{self.dir / (vm + '.kc.sock')}")
             for i, vm in enumerate(ids)
         ]  # fmt: skip
         local = LocalTvd(self.dir, "soak", members, period_s=self.args.period)
@@ -257,6 +280,7 @@ class Soak:
         for i, vm in enumerate(ids):
             real = base + count + i
             self.proxies[vm] = Proxy(base + i, real)
+            self.channels[vm] = Proxy(self.dir / f"{vm}.kc.sock", self.dir / f"{vm}.sock")
             config = local.node_config(vm, listen=f"127.0.0.1:{real}")
             path = self.dir / f"{vm}.toml"
             path.write_text(tomli_w.dumps(config))
@@ -278,7 +302,7 @@ class Soak:
         assert self.bridge is not None
         self.began = time.monotonic()
         async with trio.open_nursery() as nursery:
-            for proxy in self.proxies.values():
+            for proxy in [*self.proxies.values(), *self.channels.values()]:
                 nursery.start_soon(proxy.serve)
             await self.bridge.start()
             for node in self.nodes.values():
@@ -353,6 +377,22 @@ class Soak:
         elif kind == "tcp-stall":
             fault["vm"], fault["s"] = vm, round(rng.uniform(0.5, 3.0), 2)
             nursery.start_soon(self.proxies[vm].stall, fault["s"])
+        elif kind == "channel-cut":
+            fault["vm"], fault["connections"] = vm, self.channels[vm].reset()
+        elif kind == "update-withhold":
+            fault["vm"], fault["s"] = vm, round(rng.uniform(0.5, 4.0), 2)
+            nursery.start_soon(self.channels[vm].stall, fault["s"])
+        elif kind == "clock-skew":
+            idle = sorted(set(self.nodes) - self.down)
+            if not idle:
+                fault["skipped"] = True
+                return
+            vm = rng.choice(idle)
+            offset = rng.uniform(0.2, 1.5) * rng.choice((-1, 1))
+            fault["vm"], fault["offset_s"] = vm, round(offset, 3)
+            self.nodes[vm].clock_offset = offset
+            self.down.add(vm)
+            nursery.start_soon(self._node_down, "node-term", vm, 0.2)
         elif kind == "tcp-halfopen":
             fault["vm"], fault["s"] = vm, round(rng.uniform(1.0, 5.0), 2)
             nursery.start_soon(self.proxies[vm].half_open, fault["s"])
@@ -452,6 +492,10 @@ def check(soak: Soak) -> dict[str, Any]:
                 f"{vm}#{inc} -> {peer} message {n} ({'acked' if event['ok'] else 'queued'})"
             )
     violations += [f"lost: {what}" for what in lost[:50]]
+    for vm, node in soak.nodes.items():
+        for incarnation, how in node.ended.items():
+            if how == "stuck":
+                violations.append(f"{vm}#{incarnation} did not stop within 20 s of SIGTERM")
     logs = {vm: node.log.read_text(errors="replace") for vm, node in soak.nodes.items()}
     logs["bridge"] = soak.bridge.log.read_text(errors="replace") if soak.bridge else ""
     for name, text in logs.items():
@@ -534,7 +578,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel("worst latency ms")
     bottom.set_yscale("log")
     bottom.set_xlabel("seconds")
-    colours = dict(zip(FAULTS, ("red", "purple", "orange", "blue", "green", "brown"), strict=True))
+    palette = ("red", "purple", "orange", "blue", "green", "brown", "grey", "olive", "cyan")
+    colours = dict(zip(FAULTS, palette, strict=True))
     for fault in report["faults"]:
         for axis in (top, bottom):
             axis.axvline(fault["t"], color=colours[fault["kind"]], alpha=0.3, linewidth=1)

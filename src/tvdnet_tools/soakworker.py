@@ -3,6 +3,7 @@ checker reads.
 
     python -m tvdnet_tools.soakworker NODE.toml --incarnation K --peers a,b,c
                                       --record FILE [--interval S] [--send-timeout S]
+                                      [--clock-offset S]
 
 To each peer it sends `[incarnation, n]` every `interval` seconds, n counting from 0 per
 peer in each incarnation (a process start), and it records every event as one JSON line,
@@ -31,7 +32,7 @@ from typing import IO, Any
 
 import trio
 
-from tvdnet import Node, NodeConfig, SendTimeout, open_node
+from tvdnet import Node, NodeConfig, SendTimeout, WallClock, open_node
 
 
 class Record:
@@ -72,8 +73,10 @@ async def _receive(node: Node, record: Record) -> None:
 async def main(args: argparse.Namespace) -> None:
     record = Record(args.record)
     config = NodeConfig.load(args.config)
+    # Tests only: this node's clock runs `clock_offset` seconds off the machine's.
+    clock = WallClock(time.time() - trio.current_time() + args.clock_offset)
     try:
-        async with open_node(config) as node, trio.open_nursery() as nursery:
+        async with open_node(config, clock=clock) as node, trio.open_nursery() as nursery:
             record.write(e="start", inc=args.incarnation)
             nursery.start_soon(_receive, node, record)
             stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -81,13 +84,10 @@ async def main(args: argparse.Namespace) -> None:
                 async with trio.open_nursery() as senders:
                     for peer in args.peers:
                         senders.start_soon(_send_to, node, peer, args.incarnation, args, record)
-                    async for signum in signals:
-                        senders.cancel_scope.cancel()  # SIGUSR1: stop sending, keep serving
-                        if signum != signal.SIGUSR1:
-                            break
-                async for signum in signals:
-                    if signum != signal.SIGUSR1:
-                        break
+                    signum = await signals.__anext__()  # any of them stops the senders
+                    senders.cancel_scope.cancel()
+                while signum == signal.SIGUSR1:  # keep serving until SIGTERM or SIGINT
+                    signum = await signals.__anext__()
             record.write(e="final", inc=args.incarnation, stats=dict(node.stats))
             nursery.cancel_scope.cancel()
     finally:
@@ -102,6 +102,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--interval", type=float, default=0.2)
     parser.add_argument("--send-timeout", type=float, default=30.0)
+    parser.add_argument("--clock-offset", type=float, default=0.0, help="seconds (tests only)")
     trio.run(main, parser.parse_args(argv))
     return 0
 
