@@ -137,3 +137,17 @@ def test_a_node_that_does_not_stop_on_sigterm_fails_the_run(tmp_path: Path) -> N
     soak = soak_with(tmp_path, {"a": [start(1)], "b": [start(1)]})
     soak.nodes["a"].ended[1] = "stuck"
     assert check(soak)["violations"] == ["a#1 did not stop within 20 s of SIGTERM"]
+
+
+def test_an_acknowledged_message_may_die_only_with_a_receiver_killed_at_once(
+    tmp_path: Path,
+) -> None:
+    """SPEC §4 promises delivery while both processes run: a receiver SIGKILLed right
+    after acknowledging may lose what its application had not taken yet."""
+    records = {"a": [start(1), sent("b", 1, 0)], "b": [start(1)]}  # sent's t is 1.0
+    soak = soak_with(tmp_path, records)
+    soak.faults = [{"t": 2.0, "kind": "node-kill", "vm": "b", "incarnation": 1}]
+    report = check(soak)
+    assert (report["ok"], report["acked_then_receiver_killed"]) == (True, 1)
+    soak.faults = [{"t": 9.0, "kind": "node-kill", "vm": "b", "incarnation": 1}]
+    assert check(soak)["violations"] == ["lost: a#1 -> b message 0 (acked)"]
