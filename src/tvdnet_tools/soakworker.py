@@ -86,6 +86,11 @@ async def main(args: argparse.Namespace) -> None:
                         senders.start_soon(_send_to, node, peer, args.incarnation, args, record)
                     signum = await signals.__anext__()  # any of them stops the senders
                     senders.cancel_scope.cancel()
+                # What the node acknowledged is the application's to take: empty the inbox
+                # before going (a message left there dies with the process).
+                with trio.move_on_after(2):
+                    while node.waiting:
+                        await trio.sleep(0.01)
                 while signum == signal.SIGUSR1:  # keep serving until SIGTERM or SIGINT
                     signum = await signals.__anext__()
             record.write(e="final", inc=args.incarnation, stats=dict(node.stats))
