@@ -500,10 +500,10 @@ def check(soak: Soak) -> dict[str, Any]:
     for (vm, inc, peer, n), event in sent.items():
         survived = soak.final.get(vm) == inc  # this sender instance lived to the end
         if (event["ok"] or survived) and not received.get((vm, inc, peer, n)):
-            if event["ok"] and any(0 <= k - event["t"] <= STOP_WINDOW_S for k in stops[peer]):
-                # Acknowledged (in the receiver's inbox), then the receiver was stopped or
-                # killed before its application took it: what a process that ends may
-                # lose (SPEC §4 promises delivery "while both node processes run").
+            if event["ok"] and any(abs(k - event["t"]) <= STOP_WINDOW_S for k in stops[peer]):
+                # Acknowledged (into the receiver's inbox) just before or during the
+                # receiver's stop or kill, and never taken by its application: what a
+                # process that ends may lose (SPEC §4: delivery "while both run").
                 died_with_receiver += 1
                 continue
             lost.append(
