@@ -83,14 +83,12 @@ class Guest(single.Guest):
         self, vm: str, run: Path, netns: str, kernel: Path, *, incoming: Path | None = None
     ) -> None:
         super().__init__(vm, VMS.index(vm), run, netns, kernel)
+        self.ip = IPS[vm]
         self.incoming = incoming
 
     def command(self) -> list[str]:
         command = super().command()
         append = command.index("-append") + 1
-        command[append] = command[append].replace(
-            f"tvdnet.ip={single.IPS[self.vm]}", f"tvdnet.ip={IPS[self.vm]}"
-        )
         if self.vm == MOVER:
             command[append] += " tvdnet.nohost=1"
         command += ["-machine", "pc-i440fx-7.2"]  # the same machine on both ends
@@ -282,12 +280,7 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
                         await guest.events["exited"].wait()
                 summary["bridge_exits"] = [bridge.stop() for bridge in bridges.values()]
             except BaseException:
-                for guest in everyone:
-                    if guest.process is not None and guest.process.returncode is None:
-                        guest.process.kill()
-                for bridge in bridges.values():
-                    if bridge.process is not None and bridge.process.poll() is None:
-                        bridge.kill()
+                single.kill_everything(everyone, list(bridges.values()))
                 raise
             finally:
                 nursery.cancel_scope.deadline = trio.current_time() + 5

@@ -129,6 +129,7 @@ class Guest:
         self.run = run
         self.netns = netns
         self.kernel = kernel
+        self.ip = IPS[vm]  # its address on the guests' link
         self.console = run / f"{vm}.console"
         self.reports: list[dict[str, Any]] = []
         self.process: trio.Process | None = None
@@ -142,7 +143,7 @@ class Guest:
         append = " ".join(
             [
                 "console=ttyS0 quiet random.trust_cpu=on",
-                f"tvdnet.vm={self.vm} tvdnet.ip={IPS[self.vm]} tvdnet.run={self.run}",
+                f"tvdnet.vm={self.vm} tvdnet.ip={self.ip} tvdnet.run={self.run}",
             ]
         )
         chardevs = []
@@ -390,11 +391,7 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
                         await guest.events["exited"].wait()
                 summary["bridge_exit"] = bridge.stop()
             except BaseException:
-                for guest in guests:
-                    if guest.process is not None and guest.process.returncode is None:
-                        guest.process.kill()
-                if bridge.process is not None and bridge.process.poll() is None:
-                    bridge.kill()
+                kill_everything(guests, [bridge])
                 raise
             finally:
                 nursery.cancel_scope.deadline = trio.current_time() + 5
@@ -406,6 +403,16 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     summary["total_s"] = round(time.monotonic() - started, 1)
     check(guests, bridge, summary)
     return summary
+
+
+def kill_everything(guests: list[Guest], bridges: list[BridgeProcess]) -> None:
+    """A run that fails or is cancelled leaves no QEMU and no bridge behind."""
+    for guest in guests:
+        if guest.process is not None and guest.process.returncode is None:
+            guest.process.kill()
+    for bridge in bridges:
+        if bridge.process is not None and bridge.process.poll() is None:
+            bridge.kill()
 
 
 class Stage:

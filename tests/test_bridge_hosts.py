@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -177,32 +179,27 @@ def test_one_keystore_file_is_refused_for_several_hosts(tmp_path: Path) -> None:
 
 
 class Hosts:
-    """Two running bridges, h1's and h2's, on their own keystores."""
+    """h1's and h2's keystores, and their bridges once `running_hosts` runs them."""
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self.stores = {h: Keystore.load(paths[h], None) for h in ("h1", "h2")}
         self.bridges: dict[str, Bridge] = {}
 
-    async def run(self, nursery: trio.Nursery, clock_wall: float) -> None:
-        for store in self.stores.values():
-            ready = trio.Event()
-
-            async def serve(store: Keystore = store, ready: trio.Event = ready) -> None:
-                async with open_bridge(
-                    config(),
-                    store.device_keys,
-                    keystore=store,
-                    clock=clock_at(clock_wall),
-                ) as bridge:
-                    self.bridges[store.host] = bridge
-                    ready.set()
-                    await trio.sleep_forever()
-
-            nursery.start_soon(serve)
-            await ready.wait()
-
     def payload(self, host: str) -> str:
         return json.dumps(json.loads(self.stores[host].path.read_text())["payload"])
+
+
+@asynccontextmanager
+async def running_hosts(tmp_path: Path) -> AsyncIterator[Hosts]:
+    """A TVD provisioned in period 5, and h1's and h2's bridges running in period 6."""
+    hosts = Hosts(provisioned(tmp_path))
+    async with AsyncExitStack() as stack:
+        for store in hosts.stores.values():
+            bridge = open_bridge(
+                config(), store.device_keys, keystore=store, clock=clock_at(start_of(6) + 1.0)
+            )
+            hosts.bridges[store.host] = await stack.enter_async_context(bridge)
+        yield hosts
 
 
 MOVED = {**START_HOSTS, "vm-b": "h2"}
@@ -222,10 +219,8 @@ async def move_out(bridge: Bridge, vm: str, target: str) -> tuple[MoveResult, by
 async def test_a_member_moves_and_the_old_host_keeps_no_pair_without_a_member(
     tmp_path: Path, captured: list[Reference], mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    (reference,) = captured
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
+        (reference,) = captured
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
         assert a.status().pairs_elsewhere == {
             "vm-a": {"h2": ["vm-c"]},
@@ -269,7 +264,6 @@ async def test_a_member_moves_and_the_old_host_keeps_no_pair_without_a_member(
         assert bytes(b._keys.key_bytes(Pair.of("vm-a", "vm-b"))) == reference.dev(
             Pair.of("vm-a", "vm-b"), 7
         )
-        nursery.cancel_scope.cancel()
 
 
 def tampered(bundle: bytes, **changes: object) -> bytes:
@@ -281,9 +275,7 @@ def tampered(bundle: bytes, **changes: object) -> bytes:
 async def test_a_bundle_that_is_not_for_this_host_now_changes_nothing(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
         _, bundle = await move_out(a, "vm-b", "h2")
         _, for_h3 = await move_out(a, "vm-b", "h3")
@@ -321,15 +313,12 @@ async def test_a_bundle_that_is_not_for_this_host_now_changes_nothing(
         assert [e["pair"] for e in after["device_keys"]] == [
             e["pair"] for e in json.loads(before[0])["device_keys"]
         ]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_move_undone_before_the_migration_leaves_one_host_serving(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
         _, bundle = await move_out(a, "vm-b", "h2")
         await b.move_in(bundle, config(MOVED))
@@ -340,7 +329,6 @@ async def test_a_move_undone_before_the_migration_leaves_one_host_serving(
         assert set(b._keys.pairs) == pairs(("vm-a", "vm-c"), ("vm-b", "vm-c"))
         assert a.vms == ("vm-a", "vm-b")
         assert len(a._keys.pairs) == 3
-        nursery.cancel_scope.cancel()
 
 
 def test_a_bundle_file_is_private_and_never_overwritten(tmp_path: Path) -> None:
@@ -408,9 +396,7 @@ async def test_a_tvd_file_that_puts_a_member_here_before_its_keys_is_refused(
 async def test_a_move_in_with_other_changes_in_the_file_is_refused(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
         _, bundle = await move_out(a, "vm-b", "h2")
         edited = config(MOVED)
@@ -423,15 +409,12 @@ async def test_a_move_in_with_other_changes_in_the_file_is_refused(
         # The same bundle still goes in once the file says only the move.
         await b.move_in(bundle, config(MOVED))
         assert list(b.vms) == ["vm-c", "vm-b"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_member_removed_from_the_tvd_on_another_host_leaves_no_pair_here(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a = hosts.bridges["h1"]
         without_c = dataclasses.replace(config(), members=config().members[:2])
         result = await a.reload(without_c)
@@ -442,15 +425,12 @@ async def test_a_member_removed_from_the_tvd_on_another_host_leaves_no_pair_here
         assert set(Keystore.load(hosts.stores["h1"].path, None).device_keys.pairs) == pairs(
             ("vm-a", "vm-b")
         )
-        nursery.cancel_scope.cancel()
 
 
 async def test_one_reload_lets_a_member_go_and_removes_another(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a = hosts.bridges["h1"]
         await move_out(a, "vm-b", "h2")
         moved_without_c = dataclasses.replace(config(MOVED), members=config(MOVED).members[:2])
@@ -458,7 +438,6 @@ async def test_one_reload_lets_a_member_go_and_removes_another(
         assert (result.removed, result.moved_away) == (("vm-c",), ("vm-b",))
         assert list(a.vms) == ["vm-a"]
         assert set(a._keys.pairs) == pairs(("vm-a", "vm-b"))
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_host_that_let_a_member_go_can_still_seal_its_pairs_for_the_new_host(
@@ -488,9 +467,7 @@ async def test_a_host_that_let_a_member_go_can_still_seal_its_pairs_for_the_new_
 async def test_a_bundle_that_was_not_stored_is_no_move(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a = hosts.bridges["h1"]
 
         async def fail(bundle: bytes) -> None:
@@ -500,15 +477,12 @@ async def test_a_bundle_that_was_not_stored_is_no_move(
             await a.move_out("vm-b", "h2", fail)
         with pytest.raises(ReloadError, match="no bundle of its keys was made"):
             await a.reload(config(MOVED))
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_same_bundle_taken_in_twice_at_once_goes_in_once(
     tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hosts = Hosts(provisioned(tmp_path))
-    async with trio.open_nursery() as nursery:
-        await hosts.run(nursery, start_of(6) + 1.0)
+    async with running_hosts(tmp_path) as hosts:
         a, b = hosts.bridges["h1"], hosts.bridges["h2"]
         _, bundle = await move_out(a, "vm-b", "h2")
         outcomes: list[str] = []
@@ -530,4 +504,3 @@ async def test_the_same_bundle_taken_in_twice_at_once_goes_in_once(
             both.start_soon(take)
         assert sorted(outcomes)[0] == "in" and "usable once" in sorted(outcomes)[1]
         assert len(hosts.stores["h2"].moves_in) == 1
-        nursery.cancel_scope.cancel()

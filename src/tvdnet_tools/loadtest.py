@@ -25,10 +25,8 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,7 +39,14 @@ from tvdnet import ControlError
 from tvdnet.control import control_request
 from tvdnet.core.constants import SKEW_ALLOWANCE
 
-from .local import LocalMember, LocalTvd, console_command, free_port_block, stop_processes
+from .local import (
+    LocalMember,
+    LocalTvd,
+    console_command,
+    free_port_block,
+    scratch_dir,
+    stop_processes,
+)
 
 __all__ = ["register", "run_loadtest"]
 
@@ -770,18 +775,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if (problem := output_problem(args)) is not None:
         print(f"tvdnet loadtest: {problem}", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="tvdnet-loadtest-"))
-    run = Run(args, workdir)
-    try:
-        report = trio.run(run.main)
-    finally:
-        try:
-            if args.keep:
-                # Sockets a killed bridge left behind cannot be copied, and are no use.
-                ignore = shutil.ignore_patterns("*.sock")
-                shutil.copytree(workdir, args.keep, dirs_exist_ok=True, ignore=ignore)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_dir("tvdnet-loadtest-", args.keep) as workdir:
+        report = trio.run(Run(args, workdir).main)
     if args.json:
         args.json.write_text(json.dumps(_without_nan(report), indent=2))
     if args.plot:

@@ -5,11 +5,14 @@ machine: free loopback ports, the commands of this installation, stopping proces
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +30,7 @@ __all__ = [
     "console_command",
     "free_port",
     "free_port_block",
+    "scratch_dir",
     "stop_process",
     "stop_processes",
 ]
@@ -59,6 +63,23 @@ def free_port_block(count: int) -> int:
             for probe in probes:
                 probe.close()
     raise RuntimeError(f"no block of {count} free ports on 127.0.0.1")
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: Path | None) -> Iterator[Path]:
+    """A temporary directory for a tool's run, copied to `keep` (if given) and removed
+    afterwards, whatever happened. Sockets are not copied: they are of no use later, and
+    one a killed process left behind cannot be copied."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        try:
+            if keep is not None:
+                ignore = shutil.ignore_patterns("*.sock")
+                shutil.copytree(directory, keep, dirs_exist_ok=True, ignore=ignore)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def console_command(script: str, module: str) -> list[str]:

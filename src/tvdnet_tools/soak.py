@@ -45,14 +45,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import random
 import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -64,7 +61,8 @@ from typing import Any
 import tomli_w
 import trio
 
-from .local import LocalMember, LocalTvd, console_command, free_port_block
+from .loadtest import _seconds, _whole
+from .local import LocalMember, LocalTvd, console_command, free_port_block, scratch_dir
 
 __all__ = ["FAULTS", "register", "run_soak"]
 
@@ -82,9 +80,11 @@ def register(commands: Any) -> None:
     """`tvdnet soak` (the entry point `tvdnet.commands`: soak)."""
     p = commands.add_parser("soak", help="real processes under injected faults; checks delivery")
     p.set_defaults(handler=run_soak)
-    p.add_argument("--peers", type=int, default=4, help="N: the TVD has N+1 nodes (all pairs)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of faults and traffic")
-    p.add_argument("--period", type=float, default=1.0, help="period length in seconds")
+    p.add_argument("--peers", type=_whole(1), default=4, help="N: the TVD has N+1 nodes")
+    p.add_argument(
+        "--duration", type=_seconds(zero_ok=False), default=60.0, help="seconds of faults"
+    )
+    p.add_argument("--period", type=_seconds(zero_ok=False), default=1.0, help="period length")
     p.add_argument("--seed", type=int, default=1, help="the nemesis's schedule")
     p.add_argument(
         "--faults",
@@ -92,8 +92,12 @@ def register(commands: Any) -> None:
         default=list(FAULTS),
         help=f"comma-separated, of {', '.join(FAULTS)} (default: all)",
     )
-    p.add_argument("--fault-every", type=float, default=2.0, help="mean seconds between faults")
-    p.add_argument("--interval", type=float, default=0.5, help="seconds between a node's sends")
+    p.add_argument(
+        "--fault-every", type=_seconds(zero_ok=False), default=2.0, help="mean s between faults"
+    )
+    p.add_argument(
+        "--interval", type=_seconds(zero_ok=False), default=0.5, help="s between a node's sends"
+    )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="throughput and latency with the faults (PNG)")
     p.add_argument("--keep", type=Path, help="keep the records and logs in this directory")
@@ -613,18 +617,8 @@ def run_soak(args: argparse.Namespace) -> int:
         print(f"tvdnet soak: --faults: unknown {', '.join(unknown)} (known: "
               f"{', '.join(FAULTS)})", file=sys.stderr)  # fmt: skip
         return 2
-    if args.peers < 1 or args.duration <= 0 or not math.isfinite(args.duration):
-        print("tvdnet soak: --peers must be >= 1 and --duration > 0", file=sys.stderr)
-        return 2
-    workdir = Path(tempfile.mkdtemp(prefix="tvdnet-soak-"))
-    soak = Soak(args, workdir)
-    try:
-        report = trio.run(soak.main)
-    finally:
-        if args.keep:
-            shutil.copytree(workdir, args.keep, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*.sock"))  # fmt: skip
-        shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_dir("tvdnet-soak-", args.keep) as workdir:
+        report = trio.run(Soak(args, workdir).main)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.plot:
