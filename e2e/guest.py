@@ -163,7 +163,7 @@ async def measure(vm: str) -> None:
     Approach II: `update` messages on the port itself. Approach I: a new medium in the
     CD-ROM drive holding UPDATE.MP, polled every 50 ms as a guest agent would.
     """
-    from device_bridge import read_update_from_iso
+    from device_bridge import IsoError, read_update_from_iso
 
     port = open_char_device(find_virtio_port("org.tvdnet.measure.0"))
     seen: set[int] = set()
@@ -191,8 +191,8 @@ async def measure(vm: str) -> None:
                     message = channel.decode(read_update_from_iso(device.read()))
                 if isinstance(message, channel.Update) and message.t not in seen:
                     await ack(message)
-            except (OSError, ValueError, channel.ChannelError):
-                pass  # no medium yet, or one mid-swap: look again shortly
+            except (OSError, ValueError, IsoError, channel.ChannelError):
+                pass  # no medium yet, or one mid-swap (read short): look again shortly
             await trio.sleep(0.05)
 
     async with port, trio.open_nursery() as nursery:
