@@ -170,6 +170,43 @@ async def test_a_peer_restart_gets_every_unacknowledged_message_once(
         assert a.stats["peer_restarts"] == 1
 
 
+async def test_a_graceful_stop_acknowledges_only_what_the_application_takes(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """Issue 20 (found by the soak): a node acknowledged messages into its inbox while its
+    application was stopping, and they died with the process. After `stop_receiving()`
+    nothing new is acknowledged, the inbox empties and ends the `async for`, and the
+    sender delivers the rest to the VM's next instance, once and in order."""
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a, b = h.nodes["vm-a"], h.nodes["vm-b"]
+        for i in range(5):
+            await a.send("vm-b", i)  # acknowledged: in b's inbox
+        assert [(await b.receive()).body for _ in range(2)] == [0, 1]
+        b.stop_receiving()
+        results: list[int] = []
+
+        async def send_later() -> None:
+            for i in range(5, 8):
+                await a.send("vm-b", i)
+                results.append(i)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_later)
+            await trio.sleep(3)
+            assert [m.body async for m in b] == [2, 3, 4]  # what it acknowledged, then the end
+            with pytest.raises(trio.EndOfChannel):
+                await b.receive()
+            # send() waits for each ACK: message 5 stays queued, re-sent and not taken.
+            assert (results, a.unacknowledged("vm-b")) == ([], 1)
+            assert b.stats["undelivered_closing"] >= 2 and b.stats["delivered"] == 5
+            h.stop_node("vm-b")
+            b2 = await h.restart_node("vm-b")
+            assert [(await b2.receive()).body for _ in range(3)] == [5, 6, 7]
+        assert results == [5, 6, 7] and b2.stats["delivered"] == 3
+
+
 async def test_control_socket_status_and_send(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:

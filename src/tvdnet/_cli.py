@@ -105,17 +105,24 @@ async def _run_node(config: NodeConfig, clock: WallClock | None = None) -> None:
     async with open_node(config, clock=clock) as node, trio.open_nursery() as nursery:
 
         async def on_signals() -> None:
+            # The first signal stops receiving: what the node acknowledged is printed and
+            # the loop below ends; a second one stops at once.
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                stopping = False
                 async for signum in signals:
                     logger.info(
                         "event=stopping vm=%s signal=%s", node.vm, signal.Signals(signum).name
                     )
-                    nursery.cancel_scope.cancel()
-                    return
+                    if stopping:
+                        nursery.cancel_scope.cancel()
+                        return
+                    stopping = True
+                    node.stop_receiving()
 
         nursery.start_soon(on_signals)
         async for message in node:
             print(received_line(node.vm, message), flush=True)
+        nursery.cancel_scope.cancel()
 
 
 def received_line(vm: str, message: Message) -> str:

@@ -332,9 +332,25 @@ class Node:
         if failures:
             raise BroadcastFailed(failures)
 
+    def stop_receiving(self) -> None:
+        """Begin a graceful stop: from now on the node delivers, and so acknowledges, no new
+        message; `receive()` hands out what it already acknowledged and then raises
+        `trio.EndOfChannel` (an `async for` over the node ends).
+
+        Call it before leaving `open_node`'s block and take what is left, so that no
+        acknowledged message dies with the process: the senders keep everything else and
+        deliver it to this VM's next instance. Sending goes on meanwhile.
+        """
+        self._session.stop_delivering()
+        self._inbox_ready.set()
+
     async def receive(self) -> ev.Message:
-        """The next message from any peer (in order and exactly once per peer)."""
+        """The next message from any peer (in order and exactly once per peer).
+
+        After `stop_receiving()`, raises `trio.EndOfChannel` once the inbox is empty."""
         while not self._inbox:
+            if not self._session.delivering:
+                raise trio.EndOfChannel("the node stopped receiving and its inbox is empty")
             await self._inbox_ready.wait()
         message = self._inbox.popleft()
         if not self._inbox:
@@ -346,7 +362,10 @@ class Node:
         return self
 
     async def __anext__(self) -> ev.Message:
-        return await self.receive()
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
     def status(self) -> dict[str, Any]:
         """What the status socket answers: no key material, only states and counters."""
@@ -744,6 +763,14 @@ def _log_unacknowledged(node: Node) -> None:
         )
     else:
         logger.info("event=stopped vm=%s unacknowledged=0", node.vm)
+    if node.waiting:
+        # Acknowledged to their senders, never taken: `stop_receiving()` first avoids it.
+        logger.warning(
+            "event=stopped-with-inbox vm=%s messages=%d (acknowledged, not taken by the "
+            "application; call stop_receiving() and empty the inbox before closing)",
+            node.vm,
+            node.waiting,
+        )
 
 
 async def _listen(config: NodeConfig) -> list[trio.SocketListener]:

@@ -80,6 +80,11 @@ class AsyncioNode:
     async def broadcast(self, body: Any, *, timeout: float | None = None) -> None:
         await self._call(lambda: self._node.broadcast(body, timeout=timeout))
 
+    def stop_receiving(self) -> None:
+        """See `tvdnet.Node.stop_receiving`; `receive()` then raises `trio.EndOfChannel`
+        once the inbox is empty (an `async for` ends). Calls made after it run after it."""
+        self._token.run_sync_soon(self._node.stop_receiving)
+
     async def receive(self) -> Message:
         return await self._call(self._node.receive)
 
@@ -87,7 +92,10 @@ class AsyncioNode:
         return self
 
     async def __anext__(self) -> Message:
-        return await self.receive()
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         future: asyncio.Future[T] = self._loop.create_future()

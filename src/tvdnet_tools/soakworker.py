@@ -16,7 +16,9 @@ appended and flushed at once (a SIGKILL loses at most the line being written):
     {"e": "final", "inc": K, "stats": {...}, "t": T}                     after SIGTERM
 
 SIGUSR1 stops the senders (the node keeps delivering what is queued and receiving);
-SIGTERM then records the node's counters and closes the node cleanly.
+SIGTERM (or SIGINT) stops them too, then the node stops receiving (`stop_receiving()`:
+nothing more is acknowledged), the application takes what is left in the inbox, records
+the node's counters and closes the node cleanly.
 `T` is CLOCK_MONOTONIC, which every process on the machine shares.
 """
 
@@ -76,25 +78,24 @@ async def main(args: argparse.Namespace) -> None:
     # Tests only: this node's clock runs `clock_offset` seconds off the machine's.
     clock = WallClock(time.time() - trio.current_time() + args.clock_offset)
     try:
-        async with open_node(config, clock=clock) as node, trio.open_nursery() as nursery:
+        async with open_node(config, clock=clock) as node:
             record.write(e="start", inc=args.incarnation)
-            nursery.start_soon(_receive, node, record)
-            stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-            with trio.open_signal_receiver(*stops) as signals:
-                async with trio.open_nursery() as senders:
-                    for peer in args.peers:
-                        senders.start_soon(_send_to, node, peer, args.incarnation, args, record)
-                    signum = await signals.__anext__()  # any of them stops the senders
-                    senders.cancel_scope.cancel()
-                # What the node acknowledged is the application's to take: empty the inbox
-                # before going (a message left there dies with the process).
-                with trio.move_on_after(2):
-                    while node.waiting:
-                        await trio.sleep(0.01)
-                while signum == signal.SIGUSR1:  # keep serving until SIGTERM or SIGINT
-                    signum = await signals.__anext__()
+            async with trio.open_nursery() as nursery:
+                # Ends once the node stopped receiving and its inbox is empty.
+                nursery.start_soon(_receive, node, record)
+                stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+                with trio.open_signal_receiver(*stops) as signals:
+                    async with trio.open_nursery() as senders:
+                        for peer in args.peers:
+                            senders.start_soon(_send_to, node, peer, args.incarnation, args, record)
+                        signum = await signals.__anext__()  # any of them stops the senders
+                        senders.cancel_scope.cancel()
+                    while signum == signal.SIGUSR1:  # keep receiving until SIGTERM or SIGINT
+                        signum = await signals.__anext__()
+                # What the node acknowledged is the application's to take; what comes
+                # after this is left to its senders for this VM's next incarnation.
+                node.stop_receiving()
             record.write(e="final", inc=args.incarnation, stats=dict(node.stats))
-            nursery.cancel_scope.cancel()
     finally:
         record.close()
 

@@ -279,6 +279,7 @@ class Session:
         self._ready: set[int] = set()
         self._key_work: dict[str, _Peer] = {}  # new keys whose key change is still to do
         self._departed: OrderedDict[str, PeerDelivery] = OrderedDict()  # removed peers
+        self._delivering = True
         self.stats: Counter[str] = Counter()
         self.set_members(keys.peers if members is None else members, now=-math.inf)
 
@@ -389,6 +390,21 @@ class Session:
         elif self._key_work:
             self._do_key_work(now)  # a few pairs: no reason to wake again for them
         return applied, missing
+
+    def stop_delivering(self) -> None:
+        """From now on no new message is delivered, so none is acknowledged: the node is
+        closing and its application takes only what was already delivered.
+
+        A MSG that arrives after this is counted (`undelivered_closing`) and left to its
+        sender, which keeps it until another instance of this node acknowledges it. ACKs
+        still go out (they say what was delivered, which no longer grows), and everything
+        else (KEY, the peer's ACKs, this node's own sends) goes on."""
+        self._delivering = False
+
+    @property
+    def delivering(self) -> bool:
+        """False once `stop_delivering` was called."""
+        return self._delivering
 
     def erase_all_keys(self) -> None:
         """Forget every period key and its number (a welcome with another schedule, SPEC §5)."""
@@ -868,12 +884,14 @@ class Session:
                 if seq < 1:
                     raise FrameError(frames.BAD_FRAME, "message numbers start at 1")
                 got_message = True
-                if seq == numbering.delivered + 1:
+                if seq == numbering.delivered + 1 and self._delivering:
                     numbering.delivered = seq
                     self.stats["delivered"] += 1
                     self._events.append(Message(peer.id, t, body))
                 elif seq <= numbering.delivered:
                     self.stats["duplicates"] += 1
+                elif not self._delivering:
+                    self.stats["undelivered_closing"] += 1
                 # else: a gap (an earlier frame was refused); the sender re-sends in order.
             elif kind == frames.ACK:
                 if seq < 0 or body is not None:
