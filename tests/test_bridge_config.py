@@ -106,6 +106,8 @@ def test_a_syntax_error_names_its_line(tmp_path: Path) -> None:
         (("periods = 100", "periods = 1.5"), 3, "periods", "integer"),
         (('tvd = "demo"', 'tvd = "demo!"'), 1, "tvd", "[A-Za-z0-9._-]"),
         (("periods = 100", 'periods = 100\npairs = "star:vm-z"'), 4, "pairs", "star:HUB"),
+        (('address = "127.0.0.1:7002"', 'address = "127.0.0.1:7002"\nsuspended = "yes"'), 11,
+         "members[1].suspended", "true or false"),
     ],
 )  # fmt: skip
 def test_semantic_errors_name_the_line_and_key(
@@ -115,6 +117,15 @@ def test_semantic_errors_name_the_line_and_key(
     assert (error.line, error.key) == (line, key)
     assert f"tvd.toml:{line}: {key}: " in str(error)
     assert words in error.problem
+
+
+def test_a_member_may_be_suspended(tmp_path: Path) -> None:
+    text = GOOD.replace('"127.0.0.1:7002"', '"127.0.0.1:7002"\nsuspended = true')
+    config = load_config(write(tmp_path, text))
+    assert config.member("vm-b").suspended and not config.member("vm-a").suspended
+    assert config.suspended == {"vm-b"}
+    assert [m.id for m in config.served_on("local")] == ["vm-a"]
+    assert [m.id for m in config.members_on("local")] == ["vm-a", "vm-b"]
 
 
 def test_a_missing_top_level_key_is_named(tmp_path: Path) -> None:

@@ -529,6 +529,68 @@ async def test_reload_removes_a_member_and_tells_the_others(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_suspended_member_leaves_and_comes_back_without_provisioning(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 20: membership changes by reload, a member leaving and coming back. While
+    suspended it is served no more and is in no member list, as if removed (SPEC §5), but
+    its pairs' device keys stay and evolve, so that a reload brings it back with the
+    partials of the current period."""
+    provisioning = generate("test-tvd", IDS)
+    reference = Reference(provisioning)
+    keys = provisioning.for_bridge(1)
+    config, ports = stream_config(IDS)
+    clock = clock_at(start_of(3) + 1)
+    suspended = TvdConfig.for_schedule(
+        "test-tvd",
+        SCHEDULE,
+        [dataclasses.replace(m, suspended=m.id == "vm-c") for m in config.members],
+    )
+    async with open_bridge(config, keys, clock=clock) as bridge:
+        guests = {vm: FakeGuest(vm, await ports[vm].connect(), clock) for vm in IDS}
+        async with trio.open_nursery() as nursery:
+            for guest in guests.values():
+                nursery.start_soon(guest.run)
+                await guest.hello()
+            for vm in IDS:
+                await bridge.wait_acked(vm, 3)
+            result = await bridge.reload(suspended)
+            assert (result.suspended, result.removed, result.told) == (
+                ("vm-c",), (), ("vm-a", "vm-b")
+            )
+            assert len(keys.pairs) == 3  # kept
+            for vm in ("vm-a", "vm-b"):
+                (members,) = await guests[vm].wait_for(channel.Members)
+                assert [m.id for m in members.members] == ["vm-a", "vm-b"]
+                assert guests[vm].updates()[-1].message.t == 3
+            with trio.fail_after(5):
+                await guests["vm-c"].eof.wait()
+            assert bridge.vms == ("vm-a", "vm-b") and bridge.status().suspended == ("vm-c",)
+            await trio.sleep_until(clock.trio_time(start_of(4) + 1))
+            update = guests["vm-a"].updates()[-1].message
+            assert update.t == 4 and list(update.partials) == ["vm-b"]
+            assert keys.period == 4  # vm-c's pairs evolved with the others
+
+            result = await bridge.reload(config)
+            assert (result.resumed, result.suspended) == (("vm-c",), ())
+            assert set(result.told) >= {"vm-a", "vm-b"}
+            back = FakeGuest("vm-c", await ports["vm-c"].connect(), clock)
+            nursery.start_soon(back.run)
+            await back.hello()
+            (welcome,) = await back.wait_for(channel.Welcome)
+            assert [m.id for m in welcome.members] == list(IDS)
+            await bridge.wait_acked("vm-c", 4)
+            update = back.updates()[-1].message
+            assert update.t == 4 and partials_bytes(update) == reference.partials("vm-c", 4)
+            for vm in ("vm-a", "vm-b"):
+                members_messages = [
+                    r.message for r in guests[vm].received if isinstance(r.message, channel.Members)
+                ]
+                assert [m.id for m in members_messages[-1].members] == list(IDS)
+                assert partials_bytes(guests[vm].updates()[-1].message) == reference.partials(vm, 4)
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_reload_names_each_address_it_changed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

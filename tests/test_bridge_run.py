@@ -242,6 +242,8 @@ async def test_status_and_reload_over_the_control_socket(
                 "ok": True,
                 "reload": {
                     "removed": ["vm-c"],
+                    "suspended": [],
+                    "resumed": [],
                     "told": ["vm-a", "vm-b"],
                     "moved": [],
                     "moved_away": [],

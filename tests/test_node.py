@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -14,6 +15,7 @@ import trio
 import trio.testing
 from nodes import Harness
 
+from device_bridge import TvdConfig
 from tvdnet import KeyErased, SendTimeout, UnknownPeer
 from tvdnet.control import control_request, serve_control
 
@@ -205,6 +207,44 @@ async def test_a_graceful_stop_acknowledges_only_what_the_application_takes(
             b2 = await h.restart_node("vm-b")
             assert [(await b2.receive()).body for _ in range(3)] == [5, 6, 7]
         assert results == [5, 6, 7] and b2.stats["delivered"] == 3
+
+
+async def test_a_member_suspended_and_resumed_by_reload_talks_again_without_duplicates(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """Issue 20: a member leaves (suspended by a reload) and comes back. Meanwhile it is
+    no peer (UnknownPeer); back, its numberings resume on both sides, so nothing it had
+    delivered is delivered again and its queued messages arrive once."""
+    h = Harness(tmp_path, ["vm-a", "vm-b", "vm-c"])
+    async with h.running():
+        await h.wait_keys()
+        assert h.bridge is not None
+        a, c = h.nodes["vm-a"], h.nodes["vm-c"]
+        for i in range(3):
+            await a.send("vm-c", i)
+            await c.send("vm-a", i)
+        assert [(await c.receive()).body for _ in range(3)] == [0, 1, 2]
+        assert [(await a.receive()).body for _ in range(3)] == [0, 1, 2]
+        members = h.config_of_tvd.members
+        away = [dataclasses.replace(m, suspended=m.id == "vm-c") for m in members]
+        await h.bridge.reload(TvdConfig.for_schedule(h.tvd, h.schedule, away))
+        await trio.sleep(1)
+        assert "vm-c" not in a.peers and "vm-c" not in h.nodes["vm-b"].peers
+        with pytest.raises(UnknownPeer):
+            await a.send("vm-c", "while away")
+        async with trio.open_nursery() as nursery:
+            # vm-c still thinks vm-a a member: its message waits, queued, for the return.
+            nursery.start_soon(functools.partial(c.send, "vm-a", 3, timeout=math.inf))
+            await trio.sleep(25)  # past the end of vm-c's keys
+            await h.bridge.reload(h.config_of_tvd)
+            with trio.fail_after(30):
+                while "vm-c" not in a.peers or not a._session.key_state("vm-c").has_key:
+                    await trio.sleep(0.1)
+            await a.send("vm-c", 3, timeout=30)
+        assert (await c.receive()).body == 3
+        assert (await a.receive()).body == 3
+        assert a.stats.get("duplicates", 0) == c.stats.get("duplicates", 0) == 0
+        assert a.stats["delivered"] == c.stats["delivered"] == 4
 
 
 async def test_control_socket_status_and_send(

@@ -305,6 +305,8 @@ def print_status(status: dict[str, Any]) -> None:
     for vm, hosts in sorted((status.get("pairs_elsewhere") or {}).items()):
         where = "; ".join(f"{', '.join(peers)} on {host}" for host, peers in sorted(hosts.items()))
         print(f"{vm}: pairs with {where} (their device keys are on both hosts)")
+    for vm in status.get("suspended") or []:
+        print(f"{vm}: suspended (not served, keys kept; `suspended = false` and reload to resume)")
     updates = status.get("key_updates") or []
     if updates:
         last = updates[-1]
@@ -359,6 +361,12 @@ def _control(args: argparse.Namespace) -> int:
                 if result.get("moved_away")
                 else ""
             )
+            + (
+                f"; suspended (keys kept): {', '.join(result['suspended'])}"
+                if result.get("suspended")
+                else ""
+            )
+            + (f"; resumed: {', '.join(result['resumed'])}" if result.get("resumed") else "")
         )
     elif args.json:
         print(json.dumps(answer["status"], indent=1))

@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_HOST", "MemberConfig", "TvdConfig", "load_config"]
 
 _TOP_KEYS: Final = ("tvd", "period_seconds", "periods", "epoch", "pairs", "hosts", "members")
 _REQUIRED_TOP: Final = ("tvd", "period_seconds", "periods", "members")
-_MEMBER_KEYS: Final = ("id", "address", "channel", "host")
+_MEMBER_KEYS: Final = ("id", "address", "channel", "host", "suspended")
 _REQUIRED_MEMBER: Final = ("id", "address", "channel")
 # The host of a member whose entry names none: a TVD on one host never says "host".
 DEFAULT_HOST: Final = "local"
@@ -67,6 +67,9 @@ class MemberConfig:
     address: str  # "host:port" where its node listens for peers (sent in welcome/members)
     channel: ChannelSpec  # where the bridge reaches its key channel (on its own host)
     host: str = DEFAULT_HOST  # the host whose bridge serves it (SPEC §1, §6)
+    # Left the TVD for now: not served, not in anyone's member list, its pairs' device
+    # keys kept (and evolved) so that it comes back with a reload, without provisioning.
+    suspended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,16 @@ class TvdConfig:
         return tuple(seen)
 
     def members_on(self, host: str) -> tuple[MemberConfig, ...]:
+        """The members whose keys `host` holds, suspended ones included."""
         return tuple(m for m in self.members if m.host == host)
+
+    def served_on(self, host: str) -> tuple[MemberConfig, ...]:
+        """The members `host`'s bridge serves: on it and not suspended."""
+        return tuple(m for m in self.members if m.host == host and not m.suspended)
+
+    @property
+    def suspended(self) -> frozenset[str]:
+        return frozenset(m.id for m in self.members if m.suspended)
 
     def host_of(self, vm: str) -> str:
         return self.member(vm).host
@@ -368,12 +380,15 @@ def _member(raw: object, i: int, base: Path, fail: Any) -> MemberConfig:
     address = _string(raw, "address", f"{where}.address", fail)
     text = _string(raw, "channel", f"{where}.channel", fail)
     host = _string(raw, "host", f"{where}.host", fail) if "host" in raw else DEFAULT_HOST
+    suspended = raw.get("suspended", False)
+    if type(suspended) is not bool:
+        raise fail(f"{where}.suspended", "must be true or false")
     try:
         # Parsed again once resolved: the absolute path must still fit a Unix socket.
         channel = parse_channel(str(_resolved(parse_channel(text), base)))
     except ValueError as exc:
         raise fail(f"{where}.channel", str(exc)) from None
-    return MemberConfig(member_id, address, channel, host)
+    return MemberConfig(member_id, address, channel, host, suspended)
 
 
 def _resolved(spec: ChannelSpec, base: Path) -> ChannelSpec:

@@ -72,11 +72,13 @@ class BridgeStatus:
     keystore_errors: int
     vms: tuple[VmStatus, ...]
     key_updates: tuple[KeyUpdate, ...] = ()  # recent periods: start to the last VM's ack
+    suspended: tuple[str, ...] = ()  # members of this host not served now (keys kept)
 
     def to_json(self) -> dict[str, object]:
         return {
             "tvd": self.tvd,
             "host": self.host,
+            "suspended": list(self.suspended),
             "pairs_elsewhere": {
                 vm: {host: sorted(peers) for host, peers in hosts.items()}
                 for vm, hosts in self.pairs_elsewhere.items()
@@ -121,10 +123,14 @@ class ReloadResult:
     # (vm, what, before, after) for each address, channel or host that changed
     changes: tuple[tuple[str, str, str, str], ...] = ()
     moved_away: tuple[str, ...] = ()  # members now served by another host: keys erased here
+    suspended: tuple[str, ...] = ()  # members of this host no longer served (keys kept)
+    resumed: tuple[str, ...] = ()  # suspended members of this host served again
 
     def to_json(self) -> dict[str, object]:
         return {
             "removed": list(self.removed),
+            "suspended": list(self.suspended),
+            "resumed": list(self.resumed),
             "told": list(self.told),
             "moved": list(self.moved),
             "moved_away": list(self.moved_away),
@@ -227,6 +233,7 @@ class Bridge:
             keystore_errors=self.keystore_errors,
             vms=tuple(r.worker.status(self.period) for r in self._running.values()),
             key_updates=self._rollouts.snapshot(),
+            suspended=tuple(m.id for m in self.config.members_on(self.host) if m.suspended),
         )
 
     def worker(self, vm: str) -> Worker:
@@ -277,7 +284,7 @@ class Bridge:
                 )
         for i, member in enumerate(self.config.members):
             channel = member.channel
-            if member.host != self.host:
+            if member.host != self.host or member.suspended:
                 continue
             if isinstance(channel, UnixListen) and await answers(channel.path):
                 # Issue 18: a second bridge on the same TVD file (another keystore) would
@@ -310,7 +317,7 @@ class Bridge:
             "started",
             tvd=self.tvd,
             host=self.host,
-            vms=len(self.config.members_on(self.host)),
+            vms=len(self.config.served_on(self.host)),
             pairs=len(keys.pairs),
             keys_from=before,
             keys_at=keys.period,
@@ -368,18 +375,20 @@ class Bridge:
         return self._keys.drop_member(vm)
 
     def _member_lists(self) -> dict[str, tuple[Member, ...]]:
-        """Each VM's welcome list: itself and the members it shares a pair with."""
+        """Each VM's welcome list: itself and the members it shares a pair with, but for
+        suspended members (they are no members while suspended, SPEC §5)."""
         peers: dict[str, set[str]] = {vm: set() for vm in self.config.ids}
         for pair in self._keys.pairs:
             peers.setdefault(pair.lo, set()).add(pair.hi)
             peers.setdefault(pair.hi, set()).add(pair.lo)
+        active = [m for m in self.config.members if not m.suspended]
         return {
             m.id: tuple(
                 Member(other.id, other.address)
-                for other in self.config.members
+                for other in active
                 if other.id == m.id or other.id in peers[m.id]
             )
-            for m in self.config.members
+            for m in active
         }
 
     def _welcome(self, vm: str) -> channel.Welcome:
@@ -483,11 +492,15 @@ class Bridge:
         now = self._clock.now()
         start, end = self.schedule.start(t), self.schedule.end(t)
         partials = self._keys.all_partials()
+        suspended = self.config.suspended
         try:
             for vm, running in self._running.items():
                 if only is not None and vm not in only:
                     continue
-                update = channel.Update(t, partials.get(vm, {}))
+                mine = partials.get(vm, {})
+                if suspended:
+                    mine = {peer: k for peer, k in mine.items() if peer not in suspended}
+                update = channel.Update(t, mine)
                 data = channel.encode(update)
                 running.worker.new_update(
                     t, data, start, end, now, members=self._members[vm] if members else None
@@ -713,19 +726,38 @@ class Bridge:
         added = [vm for vm in config.ids if vm not in before]
         if added:
             raise ReloadError(
-                f"new member(s) {', '.join(added)}: a reload only removes members or changes "
-                "their addresses, channels and hosts; a new member needs device keys and a "
-                "computer-key file: run `tvdnet-bridge provision` (SPEC §6)"
+                f"new member(s) {', '.join(added)}: a reload only removes, suspends and resumes "
+                "members or changes their addresses, channels and hosts; a new member needs "
+                "device keys and a computer-key file: run `tvdnet-bridge provision` (SPEC §6). "
+                "A member that is to come back is suspended (`suspended = true`), not removed"
             )
-        arrived = [m.id for m in config.members_on(self.host) if m.id not in self._running]
+        # Served here again after a suspension: its keys never left this host.
+        resumed = tuple(
+            m.id
+            for m in config.served_on(self.host)
+            if m.id not in self._running
+            and m.id in before
+            and before[m.id].suspended
+            and before[m.id].host == self.host
+        )
+        arrived = [
+            m.id
+            for m in config.served_on(self.host)
+            if m.id not in self._running and m.id not in resumed
+        ]
         if arrived:
             raise ReloadError(
                 f"{', '.join(arrived)} is now on this host ({self.host}) in the TVD file, but "
                 "its device keys are not here: take its bundle in with `tvdnet-bridge move-in`"
             )
         leaving = [
-            vm for vm in self._running if vm in config.ids and config.host_of(vm) != self.host
+            vm
+            for vm, member in before.items()
+            if member.host == self.host and vm in config.ids and config.host_of(vm) != self.host
         ]
+        suspending = tuple(
+            vm for vm in self._running if vm in config.ids and config.member(vm).suspended
+        )
         for vm in leaving:
             # Its keys go from here only once a bundle was made for its new host, or when
             # a move in is undone: back to the host it came from (SPEC §6).
@@ -750,11 +782,18 @@ class Bridge:
             self._moved_in.pop(vm, None)
             emit(logging.WARNING, "member-removed", vm=vm, pairs=dropped, at="reload")
         for vm in leaving:
-            self._running.pop(vm).scope.cancel()
+            running = self._running.pop(vm, None)
+            if running is not None:
+                running.scope.cancel()
             self._rollouts.forget(vm)
             self._moved_out.pop(vm, None)
             self._moved_in.pop(vm, None)
             emit(logging.WARNING, "member-moved-away", vm=vm, to=config.host_of(vm))
+        for vm in suspending:
+            if vm in self._running:  # not if it also moved away just now
+                self._running.pop(vm).scope.cancel()  # closes its connection
+                self._rollouts.forget(vm)
+                emit(logging.WARNING, "member-suspended", vm=vm, at="reload")
         self._erase_pairs_not_needed(config, "reload")
         changes = tuple(
             (member.id, what, str(old), str(new))
@@ -770,7 +809,12 @@ class Bridge:
         self._members = self._member_lists()
         self._records()
         moved = []
-        for member in config.members_on(self.host):
+        for member in config.served_on(self.host):
+            if member.id in resumed:
+                self._running[member.id] = back = _Running(self._new_worker(member))
+                self._launch(back)
+                emit(logging.WARNING, "member-resumed", vm=member.id, at="reload")
+                continue
             running = self._running[member.id]
             if running.worker.spec != member.channel:
                 running.scope.cancel()
@@ -790,19 +834,30 @@ class Bridge:
         if self.period is not None:
             # SPEC §5: `members`, followed at once by the current update.
             self._push(self.period, only=told, members=True)
-            # A moved port's worker is new: it needs the current update for its first hello.
-            self._push(self.period, only=set(moved) - told)
+            # A moved port's worker, or a resumed member's, is new: it needs the current
+            # update for its first hello.
+            self._push(self.period, only=(set(moved) | set(resumed)) - told)
         else:
             for vm in told:
                 worker = self._running[vm].worker
                 if isinstance(worker, ChannelWorker):
                     worker.channel.set_welcome(self._welcome(vm))
         self._mark_keystore_dirty()
-        result = ReloadResult(removed, tuple(sorted(told)), tuple(moved), changes, tuple(leaving))
+        result = ReloadResult(
+            removed,
+            tuple(sorted(told)),
+            tuple(moved),
+            changes,
+            tuple(leaving),
+            tuple(vm for vm in suspending if vm not in leaving),
+            resumed,
+        )
         emit(
             logging.INFO,
             "reloaded",
             removed=",".join(removed) or None,
+            suspended=",".join(result.suspended) or None,
+            resumed=",".join(resumed) or None,
             told=len(told),
             moved=",".join(moved) or None,
         )
@@ -879,7 +934,7 @@ async def open_bridge(
         async with trio.open_nursery() as nursery:
             bridge._nursery = nursery
             nursery.start_soon(bridge._watchdog.run, name="write-watchdog")
-            for member in config.members_on(host):
+            for member in config.served_on(host):
                 bridge._running[member.id] = _Running(bridge._new_worker(member))
             # The current update is handed to every worker before any port is opened.
             await nursery.start(bridge._run_periods, name="periods")
