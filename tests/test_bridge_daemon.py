@@ -556,7 +556,9 @@ async def test_a_suspended_member_leaves_and_comes_back_without_provisioning(
                 await bridge.wait_acked(vm, 3)
             result = await bridge.reload(suspended)
             assert (result.suspended, result.removed, result.told) == (
-                ("vm-c",), (), ("vm-a", "vm-b")
+                ("vm-c",),
+                (),
+                ("vm-a", "vm-b"),
             )
             assert len(keys.pairs) == 3  # kept
             for vm in ("vm-a", "vm-b"):

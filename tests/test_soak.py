@@ -164,3 +164,55 @@ def test_a_gracefully_stopped_receiver_loses_no_acknowledged_message(
     soak = soak_with(tmp_path, records)
     soak.faults = [{"t": 1.5, "kind": kind, "vm": "b", "incarnation": 1}]
     assert check(soak)["violations"] == ["lost: a#1 -> b message 0 (acked)"]
+
+
+def test_a_send_that_failed_because_the_peer_left_may_arrive_but_never_twice(
+    tmp_path: Path,
+) -> None:
+    """A member suspended by a reload: the messages queued to it fail (SendFailedError),
+    some of them already delivered. Neither case is lost; twice is still a duplicate."""
+    failed = [{**sent("b", 1, n, ok=False), "failed": True} for n in (0, 1)]
+    soak = soak_with(tmp_path, {"a": [start(1), *failed], "b": [start(1), recv("a", 1, 0)]})
+    report = check(soak)
+    assert (report["ok"], report["lost"], report["messages_failed_peer_left"]) == (True, 0, 2)
+    soak = soak_with(
+        tmp_path, {"a": [start(1), *failed], "b": [start(1), recv("a", 1, 0), recv("a", 1, 0)]}
+    )
+    assert check(soak)["violations"] == ["duplicate: b#1 got a#1 message 0 again"]
+
+
+def reject(to: str, reason: str = "unknown", count: int = 1) -> dict[str, Any]:
+    return {"e": "reject", "to": to, "reason": reason, "count": count}
+
+
+def test_each_reject_is_held_against_a_fault_of_its_pair_or_fails_the_run(
+    tmp_path: Path,
+) -> None:
+    records = {
+        "a": [start(1), reject("b"), reject("c", "expired", 2)],
+        "b": [start(1)],
+        "c": [start(1)],
+    }  # fmt: skip  (REJECTs at t = 1.0)
+    soak = soak_with(tmp_path, records)
+    soak.faults = [{"t": 0.5, "kind": "node-kill", "vm": "b", "down_s": 0.3}]
+    report = check(soak)
+    assert report["rejects"] == {"unknown": 1, "expired": 2}
+    assert report["rejects_per_fault_kind"] == {"node-kill": 1}
+    assert report["rejects_unattributed"] == 2
+    assert report["violations"] == [
+        "2 REJECTs outside every fault's window, the first: a refused c (expired) x2 at 1.0 s"
+    ]
+    soak.faults.append({"t": 0.9, "kind": "bridge-kill", "down_s": 0.1})  # any pair's
+    report = check(soak)
+    assert report["rejects_per_fault_kind"] == {"node-kill": 1, "bridge-kill": 2}
+    assert report["ok"]
+    soak.faults = [{"t": -20.0, "kind": "node-kill", "vm": "b", "down_s": 0.3}]  # long over
+    assert check(soak)["rejects_unattributed"] == 3
+
+
+def test_a_refused_reload_fails_the_run(tmp_path: Path) -> None:
+    soak = soak_with(tmp_path, {"a": [start(1)], "b": [start(1)]})
+    fault = {"t": 0.5, "kind": "membership", "vm": "b", "away_s": 1.0, "reload": "ok",
+             "reload_back": "refused: new member(s) x"}  # fmt: skip
+    soak.faults = [fault]
+    assert check(soak)["violations"] == [f"the bridge refused the reload of {fault}"]

@@ -147,6 +147,7 @@ class LocalMember:
     channel: str
     key_channel: str
     host: str | None = None  # the host whose bridge serves it (a TVD on several hosts)
+    suspended: bool = False  # left the TVD for now (`suspended = true` in the TVD file)
 
 
 class LocalTvd:
@@ -201,6 +202,7 @@ class LocalTvd:
         document["members"] = [
             {"id": m.id, "address": m.address, "channel": m.channel}
             | ({"host": m.host} if m.host is not None else {})
+            | ({"suspended": True} if m.suspended else {})
             for m in self.members.values()
         ]
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -19,13 +19,14 @@ every pair, and a nemesis that injects faults on a seeded random schedule:
   test-only offset, so that two nodes differ by at most 1 s: within the 2 s allowance with
   room for a loaded bridge's push (a first 30-minute run allowed 1.5 s each way; pairs
   2.3 s apart then could not talk at periods of 1 s, as SPEC §4 says, and their queued
-  messages were reported lost).
+  messages were reported lost);
+- `membership`: suspend a member by `reload` (`suspended = true` in the TVD file: the
+  others erase its keys and connections, their queued messages to it fail with
+  `SendFailedError`), and resume it 1 to 4 s later (it talks again without provisioning).
 
 Peers reach each node through a fault-injecting proxy on loopback (the TVD file gives the
 proxy's address; the node listens behind it), and each node reaches the bridge through
-another (a Unix socket in front of its key channel). Not yet injected (issue 20 asks for
-it): membership changes by `reload` (the bridge refuses a member back once removed: its
-keys are erased, so it needs provisioning again).
+another (a Unix socket in front of its key channel).
 
 The checker reads what the applications recorded (each `send()` result, each message
 received) and each process's log:
@@ -33,17 +34,23 @@ received) and each process's log:
 - duplicates: a message delivered twice to the same receiver instance (never allowed);
 - lost: a message whose `send()` returned that no instance of its receiver got, or any
   message of a sender instance that lived to the end that was never delivered (a killed
-  or stopped sender loses only its own queue, SPEC §4);
+  or stopped sender loses only its own queue, SPEC §4; a SIGKILLed receiver, what its
+  application had not taken from its inbox; a graceful stop loses nothing). A message
+  whose `send()` failed because the peer left may arrive or not, but never twice;
+- reloads: a reload the bridge refused;
 - order: per sender instance and receiver instance, message numbers only increase;
 - logs: no traceback and nothing shaped like key material.
-REJECTs (`expired`, `unknown`) are counted from the nodes' final counters and listed
-beside the faults; they are not yet attributed to each fault.
+- REJECTs: each node records every REJECT it sends (peer, reason) within 0.25 s; each is
+  held against a fault on either node of the pair (on any node, for `bridge-kill`) from
+  the fault's start to REJECT_GRACE_S plus two periods past its end, and counted per
+  fault kind; one that no fault explains fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -61,6 +68,9 @@ from typing import Any
 import tomli_w
 import trio
 
+from tvdnet import ControlError
+from tvdnet.control import control_request
+
 from .loadtest import _seconds, _whole
 from .local import LocalMember, LocalTvd, console_command, free_port_block, scratch_dir
 
@@ -68,11 +78,12 @@ __all__ = ["FAULTS", "register", "run_soak"]
 
 FAULTS = (
     "bridge-kill", "node-kill", "node-term", "tcp-reset", "tcp-stall", "tcp-halfopen",
-    "channel-cut", "update-withhold", "clock-skew",
+    "channel-cut", "update-withhold", "clock-skew", "membership",
 )  # fmt: skip
 SECRET = re.compile(r"\b[0-9a-f]{64}\b")
 DRAIN_S = 15.0  # after the last fault: time for queued messages to be delivered
 MAX_SKEW_S = 0.5  # a clock-skew fault sets a node's clock at most this far off
+REJECT_GRACE_S = 4.0  # past a fault's end (plus two periods): its REJECTs are its own
 STOP_WINDOW_S = 3.0  # an acknowledged message may die with a receiver killed this soon
 
 
@@ -273,6 +284,9 @@ class Soak:
         self.began = 0.0
         self.final: dict[str, int] = {}  # each node's instance that lived to the end
         self.down: set[str] = set()  # nodes stopped by a fault, not started again yet
+        self.away: set[str] = set()  # members suspended by a fault, not resumed yet
+        self.local: LocalTvd | None = None
+        self.control = workdir / "control" / "bridge.sock"
 
     def provision(self) -> None:
         count = self.args.peers + 1
@@ -283,7 +297,7 @@ class Soak:
                         f"unix:{self.dir / (vm + '.kc.sock')}")
             for i, vm in enumerate(ids)
         ]  # fmt: skip
-        local = LocalTvd(self.dir, "soak", members, period_s=self.args.period)
+        self.local = local = LocalTvd(self.dir, "soak", members, period_s=self.args.period)
         local.write()
         local.provision()
         for i, vm in enumerate(ids):
@@ -299,7 +313,7 @@ class Soak:
             )  # fmt: skip
         command = [*console_command("tvdnet-bridge", "device_bridge"), "run"]
         command += ["--config", str(local.tvd_file), "--keystore", str(local.keystore)]
-        command += ["--control", str(self.dir / "control" / "bridge.sock")]
+        command += ["--control", str(self.control)]
         command += ["--log-level", "WARNING"]
         self.bridge = BridgeProcess(command, self.dir / "bridge.log")
 
@@ -346,7 +360,7 @@ class Soak:
 
     async def settle_nodes(self) -> None:
         with trio.fail_after(60):
-            while self.down:
+            while self.down or self.away:
                 await trio.sleep(0.1)
 
     async def nemesis(self, nursery: trio.Nursery, progress: Any) -> None:
@@ -404,6 +418,15 @@ class Soak:
             self.nodes[vm].clock_offset = offset
             self.down.add(vm)
             nursery.start_soon(self._node_down, "node-term", vm, 0.2)
+        elif kind == "membership":
+            present = sorted(set(self.nodes) - self.away)
+            if len(present) < 3:  # keep a TVD of two at least
+                fault["skipped"] = True
+                return
+            vm = rng.choice(present)
+            fault["vm"], fault["away_s"] = vm, round(rng.uniform(1.0, 4.0), 2)
+            self.away.add(vm)
+            nursery.start_soon(self._away, vm, fault)
         elif kind == "tcp-halfopen":
             fault["vm"], fault["s"] = vm, round(rng.uniform(1.0, 5.0), 2)
             nursery.start_soon(self.proxies[vm].half_open, fault["s"])
@@ -422,6 +445,39 @@ class Soak:
             await node.start()
         finally:
             self.down.discard(vm)
+
+    async def _away(self, vm: str, fault: dict[str, Any]) -> None:
+        """Suspend `vm` by a reload, then resume it `away_s` later (SPEC §5 `members`)."""
+        try:
+            self._set_suspended(vm, True)
+            fault["reload"] = await self._reload()
+            await trio.sleep(fault["away_s"])
+            fault["back_t"] = self.now()
+            self._set_suspended(vm, False)
+            fault["reload_back"] = await self._reload()
+        finally:
+            self.away.discard(vm)
+
+    def _set_suspended(self, vm: str, suspended: bool) -> None:
+        assert self.local is not None
+        member = self.local.members[vm]
+        self.local.members[vm] = dataclasses.replace(member, suspended=suspended)
+        self.local.write()
+
+    async def _reload(self) -> str:
+        """`tvdnet-bridge reload`, over the control socket. A bridge that is down reads
+        the TVD file when it starts again, so the change is never lost."""
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    answer = await control_request(self.control, {"command": "reload"})
+                except ControlError:  # down, or starting: try again shortly
+                    await trio.sleep(0.2)
+                    continue
+                if answer.get("ok"):
+                    return "ok"
+                return f"refused: {answer.get('error')}"
+        return "no bridge answered within 10 s (it reads the file as it starts)"
 
     @staticmethod
     async def _later(delay: float, start: Any) -> None:
@@ -467,6 +523,7 @@ def check(soak: Soak) -> dict[str, Any]:
     received: dict[tuple[str, int, str, int], list[tuple[str, int]]] = defaultdict(list)
     finals: dict[str, Counter[str]] = defaultdict(Counter)
     latencies: list[tuple[float, float]] = []
+    rejects_seen: list[tuple[float, str, str, str, int]] = []  # t, by, to, reason, count
     for vm, node in soak.nodes.items():
         incarnation = 0
         last: dict[tuple[int, str, int], int] = {}  # (my inc, sender, its inc) -> last n
@@ -489,6 +546,8 @@ def check(soak: Soak) -> dict[str, Any]:
                 last[stream] = max(event["n"], last.get(stream, -1))
             elif event["e"] == "final":
                 finals[vm].update(event["stats"])
+            elif event["e"] == "reject":
+                rejects_seen.append((event["t"], vm, event["to"], event["reason"], event["count"]))
     duplicates = 0
     redelivered = 0
     for receivers in received.values():
@@ -503,6 +562,8 @@ def check(soak: Soak) -> dict[str, Any]:
             kills[fault["vm"]].append(soak.began + fault["t"])
     for (vm, inc, peer, n), event in sent.items():
         survived = soak.final.get(vm) == inc  # this sender instance lived to the end
+        if event.get("failed"):  # SendFailedError: the peer left; delivered at most once
+            continue
         if (event["ok"] or survived) and not received.get((vm, inc, peer, n)):
             if event["ok"] and any(abs(k - event["t"]) <= STOP_WINDOW_S for k in kills[peer]):
                 # Acknowledged into the inbox of a receiver SIGKILLed just after, and never
@@ -515,6 +576,10 @@ def check(soak: Soak) -> dict[str, Any]:
                 f"{vm}#{inc} -> {peer} message {n} ({'acked' if event['ok'] else 'queued'})"
             )
     violations += [f"lost: {what}" for what in lost[:50]]
+    for fault in soak.faults:
+        for step in ("reload", "reload_back"):
+            if str(fault.get(step, "ok")).startswith("refused"):
+                violations.append(f"the bridge refused the reload of {fault}")
     for vm, node in soak.nodes.items():
         for incarnation, how in node.ended.items():
             if how == "stuck":
@@ -526,10 +591,19 @@ def check(soak: Soak) -> dict[str, Any]:
             violations.append(f"{name}'s log holds a traceback")
         if SECRET.search(text):
             violations.append(f"{name}'s log holds something shaped like key material")
+    attributed, unattributed = _attribute_rejects(soak, rejects_seen)
+    if unattributed:
+        violations.append(
+            f"{sum(r[4] for r in unattributed)} REJECTs outside every fault's window, the "
+            "first: "
+            + "; ".join(
+                f"{by} refused {to} ({reason}) x{count} at {t - soak.began:.1f} s"
+                for t, by, to, reason, count in unattributed[:5]
+            )
+        )
     rejects: Counter[str] = Counter()
-    for stats in finals.values():
-        rejects["expired"] += stats.get("rejected_expired", 0)
-        rejects["unknown"] += stats.get("rejected_unknown", 0)
+    for _, _, _, reason, count in rejects_seen:
+        rejects[reason] += count
     per_kind = Counter(f["kind"] for f in soak.faults if not f.get("skipped"))
     return {
         "seed": soak.args.seed,
@@ -540,17 +614,53 @@ def check(soak: Soak) -> dict[str, Any]:
         "faults_per_kind": {kind: per_kind.get(kind, 0) for kind in soak.args.faults},
         "messages_sent": len(sent),
         "messages_acked": sum(1 for e in sent.values() if e["ok"]),
+        "messages_failed_peer_left": sum(1 for e in sent.values() if e.get("failed")),
         "messages_received": sum(len(r) for r in received.values()),
         "lost": len(lost),
         "duplicates": duplicates,
         "redelivered_after_restart": redelivered,
         "acked_then_receiver_killed": died_with_receiver,
-        "rejects_seen_by_final_instances": dict(rejects),
+        "rejects": dict(rejects),
+        "rejects_per_fault_kind": dict(attributed),
+        "rejects_unattributed": sum(r[4] for r in unattributed),
         "violations": violations,
         "latency_p99_ms": _p99(latencies),
         "timeline": latencies,
         "ok": not violations,
     }
+
+
+def _attribute_rejects(
+    soak: Soak, rejects: list[tuple[float, str, str, str, int]]
+) -> tuple[Counter[str], list[tuple[float, str, str, str, int]]]:
+    """Hold each REJECT against a fault that could have made it inevitable: one on either
+    node of the pair (any node, for the bridge), from its start until REJECT_GRACE_S past
+    its end (the keys of a late update, a reconnect); the REJECTs counted per fault kind,
+    and those no fault explains. A fault's time is when it began; `back_t`, `down_s`,
+    `s` or `away_s` say when it ended."""
+    grace = REJECT_GRACE_S + 2 * soak.args.period
+    windows: list[tuple[float, float, str | None, str]] = []
+    for fault in soak.faults:
+        if fault.get("skipped"):
+            continue
+        began = soak.began + fault["t"]
+        lasted = max(fault.get(k, 0.0) for k in ("down_s", "s", "away_s"))
+        ended = soak.began + fault.get("back_t", fault["t"] + lasted)
+        vm = None if fault["kind"] == "bridge-kill" else fault.get("vm")
+        windows.append((began, ended + grace, vm, fault["kind"]))
+    attributed: Counter[str] = Counter()
+    unattributed = []
+    for reject in rejects:
+        t, by, to = reject[:3]
+        kind = next(
+            (k for began, until, vm, k in windows if began <= t <= until and vm in (None, by, to)),
+            None,
+        )
+        if kind is None:
+            unattributed.append(reject)
+        else:
+            attributed[kind] += reject[4]
+    return attributed, unattributed
 
 
 def _p99(latencies: list[tuple[float, float]]) -> float | None:
@@ -571,7 +681,12 @@ def print_report(report: dict[str, Any]) -> None:
         ("lost", str(report["lost"])),
         ("duplicates", str(report["duplicates"])),
         ("redelivered to a restarted receiver", str(report["redelivered_after_restart"])),
-        ("REJECTs (final instances)", str(report["rejects_seen_by_final_instances"])),
+        ("failed: the peer left (membership)", str(report["messages_failed_peer_left"])),
+        ("REJECTs by reason", ", ".join(f"{k} {v}" for k, v in report["rejects"].items())
+         or "none"),
+        ("REJECTs per fault kind", ", ".join(
+            f"{k} {v}" for k, v in sorted(report["rejects_per_fault_kind"].items())) or "none"),
+        ("REJECTs no fault explains", str(report["rejects_unattributed"])),
         ("latency p99", f"{report['latency_p99_ms']} ms"),
         ("verdict", "PASS" if report["ok"] else "FAIL: " + "; ".join(report["violations"][:5])),
     ]  # fmt: skip

@@ -12,7 +12,9 @@ appended and flushed at once (a SIGKILL loses at most the line being written):
     {"e": "start", "inc": K, "t": T}
     {"e": "sent", "to": PEER, "inc": K, "n": N, "ok": true, "lat": S, "t": T}   acknowledged
     {"e": "sent", "to": PEER, "inc": K, "n": N, "ok": false, "t": T}   SendTimeout: queued
+    {"e": "sent", ..., "ok": false, "failed": true, "t": T}   SendFailedError: the peer left
     {"e": "recv", "from": PEER, "inc": K2, "n": N, "t": T}                delivered
+    {"e": "reject", "to": PEER, "reason": R, "count": C, "t": T}   REJECTs it sent PEER
     {"e": "final", "inc": K, "stats": {...}, "t": T}                     after SIGTERM
 
 SIGUSR1 stops the senders (the node keeps delivering what is queued and receiving);
@@ -34,7 +36,7 @@ from typing import IO, Any
 
 import trio
 
-from tvdnet import Node, NodeConfig, SendTimeout, WallClock, open_node
+from tvdnet import Node, NodeConfig, SendFailedError, SendTimeout, UnknownPeer, WallClock, open_node
 
 
 class Record:
@@ -57,8 +59,13 @@ async def _send_to(
         began = time.monotonic()
         try:
             await node.send(peer, [incarnation, n], timeout=args.send_timeout)
+        except UnknownPeer:  # suspended from the TVD: not taken; the same n again later
+            await trio.sleep(args.interval)
+            continue
         except SendTimeout:
             record.write(e="sent", to=peer, inc=incarnation, n=n, ok=False)
+        except SendFailedError:  # the peer left the TVD: dropped, delivered at most once
+            record.write(e="sent", to=peer, inc=incarnation, n=n, ok=False, failed=True)
         else:
             lat = round(time.monotonic() - began, 4)
             record.write(e="sent", to=peer, inc=incarnation, n=n, ok=True, lat=lat)
@@ -72,6 +79,22 @@ async def _receive(node: Node, record: Record) -> None:
         record.write(e="recv", **{"from": message.sender}, inc=incarnation, n=n)
 
 
+async def _watch_rejects(node: Node, record: Record) -> None:
+    """Every REJECT this node sends, by peer and reason, within 0.25 s of it: the checker
+    holds each against the faults that could have made it inevitable."""
+    seen: dict[tuple[str, str], int] = {}
+    while True:
+        for peer, state in node.status()["peers"].items():
+            for reason in ("expired", "unknown"):
+                count, before = state[f"rejected_{reason}"], seen.get((peer, reason), 0)
+                # Counted afresh when a peer left and came back.
+                new = count - before if count >= before else count
+                if new:
+                    record.write(e="reject", to=peer, reason=reason, count=new)
+                seen[peer, reason] = count
+        await trio.sleep(0.25)
+
+
 async def main(args: argparse.Namespace) -> None:
     record = Record(args.record)
     config = NodeConfig.load(args.config)
@@ -83,6 +106,13 @@ async def main(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 # Ends once the node stopped receiving and its inbox is empty.
                 nursery.start_soon(_receive, node, record)
+                watcher = trio.CancelScope()
+
+                async def watch() -> None:
+                    with watcher:
+                        await _watch_rejects(node, record)
+
+                nursery.start_soon(watch)
                 stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
                 with trio.open_signal_receiver(*stops) as signals:
                     async with trio.open_nursery() as senders:
@@ -95,6 +125,7 @@ async def main(args: argparse.Namespace) -> None:
                 # What the node acknowledged is the application's to take; what comes
                 # after this is left to its senders for this VM's next incarnation.
                 node.stop_receiving()
+                watcher.cancel()
             record.write(e="final", inc=args.incarnation, stats=dict(node.stats))
     finally:
         record.close()

@@ -188,6 +188,8 @@ class _Peer:
         "dialing",
         "id",
         "keys",
+        "refused_expired",
+        "refused_unknown",
         "rejected",
         "resend_backoff",
     )
@@ -199,6 +201,8 @@ class _Peer:
         self.conns: set[_Connection] = set()
         self.active: _Connection | None = None  # the authenticated connection we keep
         self.rejected = False  # a REJECT came since the last re-send
+        self.refused_expired = 0  # the REJECTs this node sent it, by reason
+        self.refused_unknown = 0
         self.resend_backoff = RESEND_INITIAL
         self.dialing = False
         self.dial_backoff = DIAL_BACKOFF_INITIAL
@@ -817,6 +821,10 @@ class Session:
         if reason is not None:
             # SPEC §4: refused before any decryption; the REJECT only restarts a timer there.
             self.stats[f"rejected_{reason}"] += 1
+            if reason == _EXPIRED:
+                peer.refused_expired += 1
+            else:
+                peer.refused_unknown += 1
             conn.out += frames.encode_reject(t, n, reason, peer.keys.period or None)
             self._ready.add(conn.id)
             self._events.append(Refused(conn.id, peer.id, reason, f"DATA of period {t}"))
@@ -1330,4 +1338,6 @@ class Session:
             "unacknowledged": peer.delivery.unacknowledged(),
             "delivered": numbering.delivered if numbering is not None else 0,
             "instances": len(peer.delivery.numberings),
+            "rejected_expired": peer.refused_expired,
+            "rejected_unknown": peer.refused_unknown,
         }
