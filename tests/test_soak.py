@@ -28,8 +28,10 @@ def soak_with(tmp_path: Path, records: dict[str, list[dict[str, Any]]], **logs: 
         node.incarnation = max((e["inc"] for e in events if e["e"] == "start"), default=1)
         soak.nodes[vm] = node
         soak.final[vm] = node.incarnation
+        soak.tvd_of[vm] = "mesh"
+    soak.groups = {"mesh": list(records)}
     (tmp_path / "bridge.log").write_text(logs.get("bridge", ""))
-    soak.bridge = BridgeProcess([], tmp_path / "bridge.log")
+    soak.bridges = {"mesh": BridgeProcess([], tmp_path / "bridge.log")}
     return soak
 
 
@@ -104,7 +106,9 @@ def test_a_traceback_or_a_key_in_a_log_fails_the_run(tmp_path: Path) -> None:
     report = check(soak_with(tmp_path, records, a="Traceback (most recent call last):\n"))
     assert report["violations"] == ["a's log holds a traceback"]
     report = check(soak_with(tmp_path, records, bridge="key=" + "ab" * 32 + "\n"))
-    assert report["violations"] == ["bridge's log holds something shaped like key material"]
+    assert report["violations"] == [
+        "the mesh bridge's log holds something shaped like key material"
+    ]
 
 
 def test_a_cut_short_last_line_is_skipped(tmp_path: Path) -> None:
@@ -181,8 +185,8 @@ def test_a_send_that_failed_because_the_peer_left_may_arrive_but_never_twice(
     assert check(soak)["violations"] == ["duplicate: b#1 got a#1 message 0 again"]
 
 
-def reject(to: str, reason: str = "unknown", count: int = 1) -> dict[str, Any]:
-    return {"e": "reject", "to": to, "reason": reason, "count": count}
+def reject(to: str, reason: str = "unknown", count: int = 1, t: float = 20.0) -> dict[str, Any]:
+    return {"e": "reject", "to": to, "reason": reason, "count": count, "t": t}
 
 
 def test_each_reject_is_held_against_a_fault_of_its_pair_or_fails_the_run(
@@ -192,22 +196,30 @@ def test_each_reject_is_held_against_a_fault_of_its_pair_or_fails_the_run(
         "a": [start(1), reject("b"), reject("c", "expired", 2)],
         "b": [start(1)],
         "c": [start(1)],
-    }  # fmt: skip  (REJECTs at t = 1.0)
+    }  # the nodes up at t = 1, the REJECTs at t = 20
     soak = soak_with(tmp_path, records)
-    soak.faults = [{"t": 0.5, "kind": "node-kill", "vm": "b", "down_s": 0.3}]
+    soak.faults = [{"t": 19.5, "kind": "node-kill", "vm": "b", "down_s": 0.3}]
     report = check(soak)
     assert report["rejects"] == {"unknown": 1, "expired": 2}
     assert report["rejects_per_fault_kind"] == {"node-kill": 1}
     assert report["rejects_unattributed"] == 2
     assert report["violations"] == [
-        "2 REJECTs outside every fault's window, the first: a refused c (expired) x2 at 1.0 s"
+        "2 REJECTs outside every fault's window, the first: a refused c (expired) x2 at 20.0 s"
     ]
-    soak.faults.append({"t": 0.9, "kind": "bridge-kill", "down_s": 0.1})  # any pair's
+    soak.faults.append({"t": 19.9, "kind": "bridge-kill", "tvd": "mesh", "down_s": 0.1})
+    soak.groups["star"], soak.tvd_of["d"] = ["d"], "star"  # not a's, b's or c's bridge
+    soak.faults.append({"t": 19.9, "kind": "bridge-kill", "tvd": "star", "down_s": 0.1})
     report = check(soak)
     assert report["rejects_per_fault_kind"] == {"node-kill": 1, "bridge-kill": 2}
     assert report["ok"]
-    soak.faults = [{"t": -20.0, "kind": "node-kill", "vm": "b", "down_s": 0.3}]  # long over
+    soak.faults = soak.faults[:1] + soak.faults[2:]  # only the star's bridge went down
+    assert check(soak)["rejects_unattributed"] == 2
+    soak.faults = [{"t": 10.0, "kind": "node-kill", "vm": "b", "down_s": 0.3}]  # long over
     assert check(soak)["rejects_unattributed"] == 3
+    # While the nodes were getting their first keys: the start-up's.
+    records["a"] = [start(1), reject("b", t=5.0)]
+    report = check(soak_with(tmp_path, records))
+    assert (report["rejects_per_fault_kind"], report["ok"]) == ({"start-up": 1}, True)
 
 
 def test_a_refused_reload_fails_the_run(tmp_path: Path) -> None:

@@ -104,7 +104,10 @@ def register(commands: Any) -> None:
         help=f"comma-separated, of {', '.join(FAULTS)} (default: all)",
     )
     p.add_argument(
-        "--fault-every", type=_seconds(zero_ok=False), default=2.0, help="mean s between faults"
+        "--fault-every",
+        type=_seconds(zero_ok=False),
+        default=0.7,
+        help="mean s between faults (0.7: over 200 of each kind in 30 minutes)",
     )
     p.add_argument(
         "--interval", type=_seconds(zero_ok=False), default=0.5, help="s between a node's sends"
@@ -280,54 +283,75 @@ class Soak:
         self.nodes: dict[str, NodeProcess] = {}
         self.proxies: dict[str, Proxy] = {}  # peers -> each node
         self.channels: dict[str, Proxy] = {}  # each node -> the bridge (its key channel)
-        self.bridge: BridgeProcess | None = None
+        self.bridges: dict[str, BridgeProcess] = {}  # one per TVD: "mesh", "star"
+        self.groups: dict[str, list[str]] = {}  # each TVD's members
+        self.tvd_of: dict[str, str] = {}  # each node's TVD
+        self.locals: dict[str, LocalTvd] = {}
         self.began = 0.0
         self.final: dict[str, int] = {}  # each node's instance that lived to the end
         self.down: set[str] = set()  # nodes stopped by a fault, not started again yet
         self.away: set[str] = set()  # members suspended by a fault, not resumed yet
-        self.local: LocalTvd | None = None
-        self.control = workdir / "control" / "bridge.sock"
+
+    def control(self, tvd: str) -> Path:
+        return self.dir / "control" / f"{tvd}.sock"
 
     def provision(self) -> None:
+        """Two TVDs side by side, each with its own bridge: a small one of all pairs
+        ("mesh", up to six nodes: every node talks to every other) and a star of the rest
+        ("star": one hub and its leaves, the paper's shape), when there are enough nodes."""
         count = self.args.peers + 1
         ids = [f"n{i:02d}" for i in range(count)]
+        mesh = max(2, min(6, count // 3)) if count >= 4 else count
+        self.groups = {"mesh": ids[:mesh]}
+        if count - mesh >= 2:
+            self.groups["star"] = ids[mesh:]
         base = free_port_block(2 * count)
-        members = [
-            LocalMember(vm, f"127.0.0.1:{base + i}", f"unix-listen:{vm}.sock",
-                        f"unix:{self.dir / (vm + '.kc.sock')}")
-            for i, vm in enumerate(ids)
-        ]  # fmt: skip
-        self.local = local = LocalTvd(self.dir, "soak", members, period_s=self.args.period)
-        local.write()
-        local.provision()
-        for i, vm in enumerate(ids):
-            real = base + count + i
-            self.proxies[vm] = Proxy(base + i, real)
-            self.channels[vm] = Proxy(self.dir / f"{vm}.kc.sock", self.dir / f"{vm}.sock")
-            config = local.node_config(vm, listen=f"127.0.0.1:{real}")
-            path = self.dir / f"{vm}.toml"
-            path.write_text(tomli_w.dumps(config))
-            self.nodes[vm] = NodeProcess(
-                vm, path, [p for p in ids if p != vm], self.dir / f"{vm}.jsonl",
-                self.dir / f"{vm}.log", self.args.interval,
-            )  # fmt: skip
-        command = [*console_command("tvdnet-bridge", "device_bridge"), "run"]
-        command += ["--config", str(local.tvd_file), "--keystore", str(local.keystore)]
-        command += ["--control", str(self.control)]
-        command += ["--log-level", "WARNING"]
-        self.bridge = BridgeProcess(command, self.dir / "bridge.log")
+        for tvd, group in self.groups.items():
+            directory = self.dir / tvd
+            members = [
+                LocalMember(vm, f"127.0.0.1:{base + ids.index(vm)}", f"unix-listen:{vm}.sock",
+                            f"unix:{self.dir / (vm + '.kc.sock')}")
+                for vm in group
+            ]  # fmt: skip
+            pairs = "all" if tvd == "mesh" else f"star:{group[0]}"
+            local = LocalTvd(directory, f"soak-{tvd}", members, period_s=self.args.period,
+                             pairs=pairs)  # fmt: skip
+            self.locals[tvd] = local
+            local.write()
+            local.provision()
+            for vm in group:
+                self.tvd_of[vm] = tvd
+                real = base + count + ids.index(vm)
+                self.proxies[vm] = Proxy(base + ids.index(vm), real)
+                self.channels[vm] = Proxy(self.dir / f"{vm}.kc.sock", directory / f"{vm}.sock")
+                config = local.node_config(vm, listen=f"127.0.0.1:{real}")
+                path = self.dir / f"{vm}.toml"
+                path.write_text(tomli_w.dumps(config))
+                if tvd == "mesh":
+                    peers = [p for p in group if p != vm]
+                else:
+                    peers = group[1:] if vm == group[0] else [group[0]]
+                self.nodes[vm] = NodeProcess(
+                    vm, path, peers, self.dir / f"{vm}.jsonl", self.dir / f"{vm}.log",
+                    self.args.interval,
+                )  # fmt: skip
+            command = [*console_command("tvdnet-bridge", "device_bridge"), "run"]
+            command += ["--config", str(local.tvd_file), "--keystore", str(local.keystore)]
+            command += ["--control", str(self.control(tvd))]
+            command += ["--log-level", "WARNING"]
+            self.bridges[tvd] = BridgeProcess(command, self.dir / f"bridge-{tvd}.log")
 
     def now(self) -> float:
         return round(time.monotonic() - self.began, 3)
 
     async def main(self) -> dict[str, Any]:
         self.provision()
-        assert self.bridge is not None
         self.began = time.monotonic()
         async with trio.open_nursery() as nursery:
             for proxy in [*self.proxies.values(), *self.channels.values()]:
                 nursery.start_soon(proxy.serve)
-            await self.bridge.start()
+            for bridge in self.bridges.values():
+                await bridge.start()
             for node in self.nodes.values():
                 await node.start()
             with _progress(self.args) as progress:
@@ -342,21 +366,22 @@ class Soak:
             self.final = {vm: node.incarnation for vm, node in self.nodes.items()}
             for node in self.nodes.values():
                 await node.terminate()
-            assert self.bridge.process is not None
-            self.bridge.process.terminate()
-            with trio.move_on_after(20):
-                await self.bridge.process.wait()
-            if self.bridge.process.returncode is None:
-                self.bridge.process.kill()
+            for bridge in self.bridges.values():
+                assert bridge.process is not None
+                bridge.process.terminate()
+                with trio.move_on_after(20):
+                    await bridge.process.wait()
+                if bridge.process.returncode is None:
+                    bridge.process.kill()
             nursery.cancel_scope.cancel()
         return check(self)
 
-    async def settle(self) -> None:
-        """The bridge up again (a restart may still be pending); with `nodes`, every node."""
-        assert self.bridge is not None
+    async def settle(self, tvd: str | None = None) -> None:
+        """A bridge (every bridge) up again: a restart may still be pending."""
         with trio.fail_after(60):
-            while self.bridge.process is None or self.bridge.process.returncode is not None:
-                await trio.sleep(0.1)
+            for bridge in [self.bridges[tvd]] if tvd else self.bridges.values():
+                while bridge.process is None or bridge.process.returncode is not None:
+                    await trio.sleep(0.1)
 
     async def settle_nodes(self) -> None:
         with trio.fail_after(60):
@@ -379,12 +404,13 @@ class Soak:
     async def inject(self, kind: str, fault: dict[str, Any], nursery: trio.Nursery) -> None:
         rng = self.rng
         vm = rng.choice(sorted(self.nodes))
-        assert self.bridge is not None
         if kind == "bridge-kill":
+            fault["tvd"] = tvd = rng.choice(sorted(self.bridges))
             fault["down_s"] = down = round(rng.uniform(0.2, 3.0), 2)
-            await self.settle()  # back from the last kill first: one bridge at a time
-            await self.bridge.kill()
-            nursery.start_soon(self._later, down, self.bridge.start)
+            await self.settle(tvd)  # back from the last kill first: one at a time
+            bridge = self.bridges[tvd]
+            await bridge.kill()
+            nursery.start_soon(self._later, down, bridge.start)
         elif kind in ("node-kill", "node-term"):
             idle = sorted(set(self.nodes) - self.down)
             if not idle:  # every node is down already: nothing to do this time
@@ -419,11 +445,10 @@ class Soak:
             self.down.add(vm)
             nursery.start_soon(self._node_down, "node-term", vm, 0.2)
         elif kind == "membership":
-            present = sorted(set(self.nodes) - self.away)
-            if len(present) < 3:  # keep a TVD of two at least
+            vm = rng.choice(sorted(set(self.nodes) - self.away))
+            if len(set(self.groups[self.tvd_of[vm]]) - self.away) < 3:  # keep two at least
                 fault["skipped"] = True
                 return
-            vm = rng.choice(present)
             fault["vm"], fault["away_s"] = vm, round(rng.uniform(1.0, 4.0), 2)
             self.away.add(vm)
             nursery.start_soon(self._away, vm, fault)
@@ -450,27 +475,26 @@ class Soak:
         """Suspend `vm` by a reload, then resume it `away_s` later (SPEC §5 `members`)."""
         try:
             self._set_suspended(vm, True)
-            fault["reload"] = await self._reload()
+            fault["reload"] = await self._reload(self.tvd_of[vm])
             await trio.sleep(fault["away_s"])
             fault["back_t"] = self.now()
             self._set_suspended(vm, False)
-            fault["reload_back"] = await self._reload()
+            fault["reload_back"] = await self._reload(self.tvd_of[vm])
         finally:
             self.away.discard(vm)
 
     def _set_suspended(self, vm: str, suspended: bool) -> None:
-        assert self.local is not None
-        member = self.local.members[vm]
-        self.local.members[vm] = dataclasses.replace(member, suspended=suspended)
-        self.local.write()
+        local = self.locals[self.tvd_of[vm]]
+        local.members[vm] = dataclasses.replace(local.members[vm], suspended=suspended)
+        local.write()
 
-    async def _reload(self) -> str:
+    async def _reload(self, tvd: str) -> str:
         """`tvdnet-bridge reload`, over the control socket. A bridge that is down reads
         the TVD file when it starts again, so the change is never lost."""
         with trio.move_on_after(10):
             while True:
                 try:
-                    answer = await control_request(self.control, {"command": "reload"})
+                    answer = await control_request(self.control(tvd), {"command": "reload"})
                 except ControlError:  # down, or starting: try again shortly
                     await trio.sleep(0.2)
                     continue
@@ -524,12 +548,14 @@ def check(soak: Soak) -> dict[str, Any]:
     finals: dict[str, Counter[str]] = defaultdict(Counter)
     latencies: list[tuple[float, float]] = []
     rejects_seen: list[tuple[float, str, str, str, int]] = []  # t, by, to, reason, count
+    up = soak.began  # when the last node's first instance had started
     for vm, node in soak.nodes.items():
         incarnation = 0
         last: dict[tuple[int, str, int], int] = {}  # (my inc, sender, its inc) -> last n
         for event in _records(node.record):
             if event["e"] == "start":
                 incarnation = event["inc"]
+                up = max(up, event["t"]) if incarnation == 1 else up
             elif event["e"] == "sent":
                 sent[(vm, event["inc"], event["to"], event["n"])] = event
                 if event["ok"]:
@@ -585,13 +611,14 @@ def check(soak: Soak) -> dict[str, Any]:
             if how == "stuck":
                 violations.append(f"{vm}#{incarnation} did not stop within 20 s of SIGTERM")
     logs = {vm: node.log.read_text(errors="replace") for vm, node in soak.nodes.items()}
-    logs["bridge"] = soak.bridge.log.read_text(errors="replace") if soak.bridge else ""
+    for tvd, bridge in soak.bridges.items():
+        logs[f"the {tvd} bridge"] = bridge.log.read_text(errors="replace")
     for name, text in logs.items():
         if "Traceback" in text:
             violations.append(f"{name}'s log holds a traceback")
         if SECRET.search(text):
             violations.append(f"{name}'s log holds something shaped like key material")
-    attributed, unattributed = _attribute_rejects(soak, rejects_seen)
+    attributed, unattributed = _attribute_rejects(soak, rejects_seen, up)
     if unattributed:
         violations.append(
             f"{sum(r[4] for r in unattributed)} REJECTs outside every fault's window, the "
@@ -631,29 +658,40 @@ def check(soak: Soak) -> dict[str, Any]:
 
 
 def _attribute_rejects(
-    soak: Soak, rejects: list[tuple[float, str, str, str, int]]
+    soak: Soak, rejects: list[tuple[float, str, str, str, int]], up: float
 ) -> tuple[Counter[str], list[tuple[float, str, str, str, int]]]:
     """Hold each REJECT against a fault that could have made it inevitable: one on either
     node of the pair (any node, for the bridge), from its start until REJECT_GRACE_S past
     its end (the keys of a late update, a reconnect); the REJECTs counted per fault kind,
     and those no fault explains. A fault's time is when it began; `back_t`, `down_s`,
-    `s` or `away_s` say when it ended."""
+    `s` or `away_s` say when it ended. The start of the run counts as one (`start-up`,
+    until `up`, when the last node had started, plus the same grace): the nodes get their
+    first keys at different times."""
     grace = REJECT_GRACE_S + 2 * soak.args.period
-    windows: list[tuple[float, float, str | None, str]] = []
+    windows: list[tuple[float, float, set[str], str]] = [
+        (soak.began, up + grace, set(soak.nodes), "start-up")
+    ]
     for fault in soak.faults:
         if fault.get("skipped"):
             continue
         began = soak.began + fault["t"]
         lasted = max(fault.get(k, 0.0) for k in ("down_s", "s", "away_s"))
         ended = soak.began + fault.get("back_t", fault["t"] + lasted)
-        vm = None if fault["kind"] == "bridge-kill" else fault.get("vm")
-        windows.append((began, ended + grace, vm, fault["kind"]))
+        if fault["kind"] == "bridge-kill":  # every node of its TVD
+            vms = set(soak.groups.get(fault.get("tvd", ""), soak.nodes))
+        else:
+            vms = {fault.get("vm", "")}
+        windows.append((began, ended + grace, vms, fault["kind"]))
     attributed: Counter[str] = Counter()
     unattributed = []
     for reject in rejects:
         t, by, to = reject[:3]
         kind = next(
-            (k for began, until, vm, k in windows if began <= t <= until and vm in (None, by, to)),
+            (
+                k
+                for began, until, vms, k in windows
+                if began <= t <= until and (by in vms or to in vms)
+            ),
             None,
         )
         if kind is None:
@@ -717,11 +755,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel("worst latency ms")
     bottom.set_yscale("log")
     bottom.set_xlabel("seconds")
-    palette = ("red", "purple", "orange", "blue", "green", "brown", "grey", "olive", "cyan")
+    palette = (
+        "red",
+        "purple",
+        "orange",
+        "blue",
+        "green",
+        "brown",
+        "grey",
+        "olive",
+        "cyan",
+        "magenta",
+    )
     colours = dict(zip(FAULTS, palette, strict=True))
     for fault in report["faults"]:
         for axis in (top, bottom):
             axis.axvline(fault["t"], color=colours[fault["kind"]], alpha=0.3, linewidth=1)
+    from matplotlib.lines import Line2D
+
+    used = [kind for kind in FAULTS if any(f["kind"] == kind for f in report["faults"])]
+    top.legend(
+        handles=[Line2D([0], [0], color=colours[kind], label=kind) for kind in used],
+        fontsize=7, ncol=5, loc="lower left",
+    )  # fmt: skip
     top.set_title(f"tvdnet soak (seed {report['seed']}): faults marked by kind")
     figure.tight_layout()
     figure.savefig(path)
