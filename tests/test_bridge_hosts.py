@@ -504,3 +504,37 @@ async def test_the_same_bundle_taken_in_twice_at_once_goes_in_once(
             both.start_soon(take)
         assert sorted(outcomes)[0] == "in" and "usable once" in sorted(outcomes)[1]
         assert len(hosts.stores["h2"].moves_in) == 1
+
+
+def suspending(cfg: TvdConfig, vm: str) -> TvdConfig:
+    members = tuple(dataclasses.replace(m, suspended=m.id == vm) for m in cfg.members)
+    return dataclasses.replace(cfg, members=members)
+
+
+async def test_a_suspended_member_is_not_let_onto_a_host_without_its_keys(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Review of issue 20: a suspended member put on h2 in h2's file (no bundle) was taken,
+    and resumed there without the keys of its pairs; h2 could not start again."""
+    async with running_hosts(tmp_path) as hosts:
+        b = hosts.bridges["h2"]
+        with pytest.raises(ReloadError, match="vm-b is now on this host"):
+            await b.reload(suspending(config(MOVED), "vm-b"))
+        assert b.vms == ("vm-c",) and b.config == config()
+
+
+async def test_a_suspended_member_moved_in_is_served_once_resumed(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Review of issue 20: move-in of a member suspended in the file raised KeyError
+    halfway, with its keys adopted and the bundle spent."""
+    async with running_hosts(tmp_path) as hosts:
+        a, b = hosts.bridges["h1"], hosts.bridges["h2"]
+        await a.reload(suspending(config(), "vm-b"))
+        _, bundle = await move_out(a, "vm-b", "h2")
+        result = await b.move_in(bundle, suspending(config(MOVED), "vm-b"))
+        assert result.pairs == 2 and b.vms == ("vm-c",)  # held here, not served yet
+        assert set(b._keys.pairs) == pairs(("vm-a", "vm-b"), ("vm-a", "vm-c"), ("vm-b", "vm-c"))
+        assert b.status().suspended == ("vm-b",)
+        back = await b.reload(config(MOVED))
+        assert back.resumed == ("vm-b",) and list(b.vms) == ["vm-c", "vm-b"]

@@ -19,6 +19,7 @@ What happens when (the one place to read it):
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -156,6 +158,21 @@ def _check_transports(config: TvdConfig, allow_dev: bool, host: str) -> None:
             raise TransportRefused(member.id, why)
 
 
+_Change = TypeVar("_Change", bound=Callable[..., Awaitable[Any]])
+
+
+def _one_change_at_a_time(method: _Change) -> _Change:
+    """Reloads and moves each read the TVD file in a thread and then apply it: one at a
+    time, so that a slower read of an older file is never applied after a newer one."""
+
+    @functools.wraps(method)
+    async def serialised(self: Bridge, *args: Any, **kwargs: Any) -> Any:
+        async with self._changes:
+            return await method(self, *args, **kwargs)
+
+    return cast(_Change, serialised)
+
+
 class Bridge:
     """A running bridge. Get one from `open_bridge`; its methods are for the event loop."""
 
@@ -193,6 +210,7 @@ class Bridge:
         self._keystore_wake = Signal()
         self._keystore_idle = Signal()
         self.keystore_period: int | None = device_keys.period if keystore is not None else None
+        self._changes = trio.Lock()  # reloads and moves, one at a time
         self.keystore_errors = 0
         self.keystore_writes = 0
         self.last_keystore_write_s: float | None = None
@@ -576,6 +594,7 @@ class Bridge:
 
     # ------------------------------------------------------------------ moves (SPEC §6)
 
+    @_one_change_at_a_time
     async def move_out(
         self, vm: str, target: str, write: Callable[[bytes], Awaitable[None]]
     ) -> MoveResult:
@@ -614,6 +633,7 @@ class Bridge:
         emit(logging.INFO, "move-out", vm=vm, to=target, t=t, pairs=len(keys))
         return result
 
+    @_one_change_at_a_time
     async def move_in(self, data: bytes, config: TvdConfig | None = None) -> MoveResult:
         """Take in a bundle made for this host: re-read the TVD file (which must now put the
         VM on this host), check everything, then hold the keys, serve the VM and push it
@@ -693,12 +713,14 @@ class Bridge:
         self.config = config
         self._members = self._member_lists()
         self._records()
+        self._mark_keystore_dirty()
         member = config.member(header.vm)
         if member.id not in self._running:
-            self._running[member.id] = running = _Running(self._new_worker(member))
             self._moved_in.setdefault(member.id, header.source)
-            self._launch(running)
-        if self.period is not None:
+            if not member.suspended:  # else a reload that resumes it serves it
+                self._running[member.id] = running = _Running(self._new_worker(member))
+                self._launch(running)
+        if self.period is not None and member.id in self._running:
             # Served already (a second bundle, from another peer's host): the update it
             # gets now carries the pairs just taken in.
             self._push(self.period, only={member.id})
@@ -709,6 +731,7 @@ class Bridge:
         )  # fmt: skip
         return MoveResult(header.vm, header.source, self.host, header.t, count, adopted)
 
+    @_one_change_at_a_time
     async def reload(self, config: TvdConfig | None = None) -> ReloadResult:
         """Re-read the TVD file (or take `config`): remove members, move channels, re-address.
 
@@ -742,8 +765,10 @@ class Bridge:
         )
         arrived = [
             m.id
-            for m in config.served_on(self.host)
-            if m.id not in self._running and m.id not in resumed
+            for m in config.members_on(self.host)
+            if m.id not in self._running
+            and m.id not in resumed
+            and (m.id not in before or before[m.id].host != self.host)
         ]
         if arrived:
             raise ReloadError(
@@ -769,6 +794,7 @@ class Bridge:
                     "first (else that host could not serve it)"
                 )
         _check_transports(config, self._allow_dev, self.host)
+        self._check_pairs_held(config)
         # From here on nothing awaits: the change is applied as one step.
         # Removed from the TVD, whichever host served it: its pairs go everywhere.
         removed = tuple(vm for vm in before if vm not in config.ids)
