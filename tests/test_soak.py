@@ -154,8 +154,21 @@ def test_an_acknowledged_message_may_die_only_with_a_receiver_killed_at_once(
         soak.faults = [{"t": killed_at, "kind": "node-kill", "vm": "b", "incarnation": 1}]
         report = check(soak)
         assert (report["ok"], report["acked_then_receiver_killed"]) == (True, 1)
-    soak.faults = [{"t": 9.0, "kind": "node-kill", "vm": "b", "incarnation": 1}]
-    assert check(soak)["violations"] == ["lost: a#1 -> b message 0 (acked)"]
+    for killed_at in (9.0, -1.0):  # long after; before (the next instance acknowledged it)
+        soak.faults = [{"t": killed_at, "kind": "node-kill", "vm": "b", "incarnation": 1}]
+        assert check(soak)["violations"] == ["lost: a#1 -> b message 0 (acked)"]
+
+
+def test_a_queued_message_may_go_with_a_peer_that_left_later(tmp_path: Path) -> None:
+    """A message whose send() timed out stays queued; if its peer is then suspended, the
+    node drops it (SendFailed, with no send() waiting any more): not lost. Queued after
+    the peer left and came back, it must arrive."""
+    soak = soak_with(tmp_path, {"a": [start(1), sent("b", 1, 0, ok=False)], "b": [start(1)]})
+    soak.faults = [{"t": 2.0, "kind": "membership", "vm": "b", "away_s": 1.0}]
+    report = check(soak)
+    assert (report["ok"], report["messages_queued_peer_left_later"]) == (True, 1)
+    soak.faults[0]["t"] = 0.5
+    assert check(soak)["violations"] == ["lost: a#1 -> b message 0 (queued)"]
 
 
 @pytest.mark.parametrize("kind", ["node-term", "clock-skew"])

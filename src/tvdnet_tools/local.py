@@ -206,9 +206,10 @@ class LocalTvd:
             for m in self.members.values()
         ]
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.tvd_file.write_text(
-            "# Written by tvdnet_tools.local.LocalTvd.\n" + tomli_w.dumps(document)
-        )
+        # Atomically: a bridge may read it at any moment (a reload, a restart).
+        partial = self.tvd_file.with_suffix(".toml.partial")
+        partial.write_text("# Written by tvdnet_tools.local.LocalTvd.\n" + tomli_w.dumps(document))
+        partial.replace(self.tvd_file)
         return self.tvd_file
 
     def provision(self) -> ProvisionResult:

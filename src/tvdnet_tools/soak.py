@@ -85,6 +85,7 @@ DRAIN_S = 15.0  # after the last fault: time for queued messages to be delivered
 MAX_SKEW_S = 0.5  # a clock-skew fault sets a node's clock at most this far off
 REJECT_GRACE_S = 4.0  # past a fault's end (plus two periods): its REJECTs are its own
 STOP_WINDOW_S = 3.0  # an acknowledged message may die with a receiver killed this soon
+RECORD_LAG_S = 1.0  # how late a loaded sender may record an acknowledgement
 
 
 def register(commands: Any) -> None:
@@ -408,9 +409,10 @@ class Soak:
             fault["tvd"] = tvd = rng.choice(sorted(self.bridges))
             fault["down_s"] = down = round(rng.uniform(0.2, 3.0), 2)
             await self.settle(tvd)  # back from the last kill first: one at a time
+            fault["t"] = self.now()  # the kill, after that wait
             bridge = self.bridges[tvd]
             await bridge.kill()
-            nursery.start_soon(self._later, down, bridge.start)
+            nursery.start_soon(self._restart_bridge, bridge, down, fault)
         elif kind in ("node-kill", "node-term"):
             idle = sorted(set(self.nodes) - self.down)
             if not idle:  # every node is down already: nothing to do this time
@@ -420,7 +422,7 @@ class Soak:
             fault["vm"], fault["incarnation"] = vm, self.nodes[vm].incarnation
             fault["down_s"] = round(rng.uniform(0.2, 2.0), 2)
             self.down.add(vm)
-            nursery.start_soon(self._node_down, kind, vm, fault["down_s"])
+            nursery.start_soon(self._node_down, kind, vm, fault["down_s"], fault)
         elif kind == "tcp-reset":
             fault["vm"], fault["connections"] = vm, self.proxies[vm].reset()
         elif kind == "tcp-stall":
@@ -443,7 +445,7 @@ class Soak:
             fault["vm"], fault["offset_s"] = vm, round(offset, 3)
             self.nodes[vm].clock_offset = offset
             self.down.add(vm)
-            nursery.start_soon(self._node_down, "node-term", vm, 0.2)
+            nursery.start_soon(self._node_down, "node-term", vm, 0.2, fault)
         elif kind == "membership":
             vm = rng.choice(sorted(set(self.nodes) - self.away))
             if len(set(self.groups[self.tvd_of[vm]]) - self.away) < 3:  # keep two at least
@@ -458,8 +460,9 @@ class Soak:
         else:  # pragma: no cover -- checked by run_soak
             raise ValueError(kind)
 
-    async def _node_down(self, kind: str, vm: str, seconds: float) -> None:
-        """Stop one node (SIGKILL or SIGTERM) and start it again `seconds` later."""
+    async def _node_down(self, kind: str, vm: str, seconds: float, fault: dict[str, Any]) -> None:
+        """Stop one node (SIGKILL or SIGTERM) and start it again `seconds` later; the
+        fault ends (`back_t`) when the new process was started."""
         node = self.nodes[vm]
         try:
             if kind == "node-kill":
@@ -468,8 +471,16 @@ class Soak:
                 await node.terminate()
             await trio.sleep(seconds)
             await node.start()
+            fault["back_t"] = self.now()
         finally:
             self.down.discard(vm)
+
+    async def _restart_bridge(
+        self, bridge: BridgeProcess, seconds: float, fault: dict[str, Any]
+    ) -> None:
+        await trio.sleep(seconds)
+        await bridge.start()
+        fault["back_t"] = self.now()
 
     async def _away(self, vm: str, fault: dict[str, Any]) -> None:
         """Suspend `vm` by a reload, then resume it `away_s` later (SPEC §5 `members`)."""
@@ -583,15 +594,29 @@ def check(soak: Soak) -> dict[str, Any]:
     lost: list[str] = []
     died_with_receiver = 0
     kills: dict[str, list[float]] = defaultdict(list)  # vm -> when it was SIGKILLed
+    suspensions: dict[str, list[float]] = defaultdict(list)  # vm -> when it was suspended
     for fault in soak.faults:
-        if fault["kind"] == "node-kill" and not fault.get("skipped"):
+        if fault.get("skipped"):
+            continue
+        if fault["kind"] == "node-kill":
             kills[fault["vm"]].append(soak.began + fault["t"])
+        elif fault["kind"] == "membership":
+            suspensions[fault["vm"]].append(soak.began + fault["t"])
+    left_later = 0
     for (vm, inc, peer, n), event in sent.items():
         survived = soak.final.get(vm) == inc  # this sender instance lived to the end
         if event.get("failed"):  # SendFailedError: the peer left; delivered at most once
             continue
+        if not event["ok"] and any(k >= event["t"] for k in suspensions[peer]):
+            # Queued (its send() had timed out) and dropped when the peer left the TVD
+            # later: a SendFailed that no send() was waiting for any more.
+            left_later += 1
+            continue
         if (event["ok"] or survived) and not received.get((vm, inc, peer, n)):
-            if event["ok"] and any(abs(k - event["t"]) <= STOP_WINDOW_S for k in kills[peer]):
+            acked = event["t"]
+            if event["ok"] and any(
+                acked - RECORD_LAG_S <= k <= acked + STOP_WINDOW_S for k in kills[peer]
+            ):
                 # Acknowledged into the inbox of a receiver SIGKILLed just after, and never
                 # taken by its application: what a killed process may lose (SPEC §4:
                 # delivery "while both node processes run"). A graceful stop loses nothing:
@@ -642,6 +667,7 @@ def check(soak: Soak) -> dict[str, Any]:
         "messages_sent": len(sent),
         "messages_acked": sum(1 for e in sent.values() if e["ok"]),
         "messages_failed_peer_left": sum(1 for e in sent.values() if e.get("failed")),
+        "messages_queued_peer_left_later": left_later,
         "messages_received": sum(len(r) for r in received.values()),
         "lost": len(lost),
         "duplicates": duplicates,

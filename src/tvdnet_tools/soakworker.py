@@ -84,10 +84,12 @@ async def _watch_rejects(node: Node, record: Record) -> None:
     holds each against the faults that could have made it inevitable."""
     seen: dict[tuple[str, str], int] = {}
     while True:
-        for peer, state in node.status()["peers"].items():
+        peers = node.status()["peers"]
+        # A peer that left is counted afresh when it comes back.
+        seen = {key: count for key, count in seen.items() if key[0] in peers}
+        for peer, state in peers.items():
             for reason in ("expired", "unknown"):
                 count, before = state[f"rejected_{reason}"], seen.get((peer, reason), 0)
-                # Counted afresh when a peer left and came back.
                 new = count - before if count >= before else count
                 if new:
                     record.write(e="reject", to=peer, reason=reason, count=new)
