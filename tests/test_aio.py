@@ -54,6 +54,9 @@ def test_an_asyncio_program_sends_and_receives(tmp_path: Path) -> None:
             pending.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await pending
+            # A graceful stop: what is left in the inbox (nothing here), then the end.
+            node.stop_receiving()
+            assert [m async for m in node] == []
             return reply.body, reply.period
 
     try:

@@ -358,6 +358,11 @@ class Node:
         self._inbox_space.set()
         return message
 
+    def _put_back(self, message: ev.Message) -> None:
+        """A message `receive()` took for a caller that went away: first in line again."""
+        self._inbox.appendleft(message)
+        self._inbox_ready.set()
+
     def __aiter__(self) -> Node:
         return self
 

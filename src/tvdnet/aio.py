@@ -86,7 +86,9 @@ class AsyncioNode:
         self._token.run_sync_soon(self._node.stop_receiving)
 
     async def receive(self) -> Message:
-        return await self._call(self._node.receive)
+        # A message taken from the inbox for a caller cancelled meanwhile goes back first
+        # in line: it was acknowledged, so losing it would break exactly once.
+        return await self._call(self._node.receive, orphan=self._node._put_back)
 
     def __aiter__(self) -> AsyncioNode:
         return self
@@ -97,7 +99,9 @@ class AsyncioNode:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, make: Callable[[], Awaitable[T]], orphan: Callable[[T], None] | None = None
+    ) -> T:
         future: asyncio.Future[T] = self._loop.create_future()
         scope = trio.CancelScope()
 
@@ -113,6 +117,8 @@ class AsyncioNode:
                     return
                 if not future.done():
                     future.set_result(result)
+                elif orphan is not None:
+                    orphan(result)
             if not future.done():
                 future.cancel()
 
