@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
-from tvdnet_tools.soak import FAULTS, BridgeProcess, NodeProcess, Soak, check
+from tvdnet_tools.soak import FAULTS, BridgeProcess, NodeProcess, Proxy, Soak, check
 
 ARGS = argparse.Namespace(seed=5, duration=10.0, period=1.0, faults=list(FAULTS))
 
@@ -241,3 +243,31 @@ def test_a_refused_reload_fails_the_run(tmp_path: Path) -> None:
              "reload_back": "refused: new member(s) x"}  # fmt: skip
     soak.faults = [fault]
     assert check(soak)["violations"] == [f"the bridge refused the reload of {fault}"]
+
+
+async def test_overlapping_stalls_release_every_waiting_pump(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 30-minute soak (seed 1) found a key channel stuck for good: a second stall
+    replaced the event a pump was waiting on, and nobody ever set that one."""
+    proxy = Proxy(0, 0)
+    released: list[float] = []
+
+    async def pump() -> None:
+        await proxy.resume.wait()
+        released.append(trio.current_time())
+
+    with trio.fail_after(10):  # before the fix, the first pump waited for ever
+        await _stalls(proxy, pump)
+    assert len(released) == 2 and min(released) >= 2.0
+
+
+async def _stalls(proxy: Proxy, pump: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy.stall, 2.0)
+        await trio.sleep(0.1)
+        nursery.start_soon(pump)  # waits on the first stall's event
+        await trio.sleep(0.1)
+        nursery.start_soon(proxy.stall, 1.0)  # overlaps, ends first
+        await trio.sleep(0.1)
+        nursery.start_soon(pump)

@@ -131,6 +131,7 @@ class Proxy:
         self.links: set[tuple[trio.SocketStream, trio.SocketStream]] = set()
         self.resume = trio.Event()
         self.resume.set()
+        self.stalls = 0  # stalls in progress: they may overlap
 
     async def serve(self) -> None:
         if isinstance(self.listen, int):
@@ -185,9 +186,18 @@ class Proxy:
         return count
 
     async def stall(self, seconds: float) -> None:
-        self.resume = trio.Event()
-        await trio.sleep(seconds)
-        self.resume.set()
+        """Carry nothing for `seconds`. Overlapping stalls share one event, set when the
+        last ends: a pump waiting on an event that a later stall replaced would wait for
+        ever (a 30-minute soak found a key channel stuck that way)."""
+        if self.resume.is_set():
+            self.resume = trio.Event()
+        self.stalls += 1
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self.stalls -= 1
+            if not self.stalls:
+                self.resume.set()
 
     async def half_open(self, seconds: float) -> int:
         """The dialer's side is reset; the node's side stays open, silent, then closes."""
