@@ -58,6 +58,10 @@ class Tvd:
         return self.provisioning.for_vm(vm)
 
     def session(self, vm: str, **kwargs: Any) -> Session:
+        """A Session of `vm`. Its keys are derived as each update is applied (no spread of
+        key changes, `key_change_spread=0`) unless the test says otherwise: the SPEC §4
+        rules these tests check are stated from the moment a key is derived."""
+        kwargs.setdefault("key_change_spread", 0.0)
         session = Session(self.computer_keys(vm), self.schedule, **kwargs)
         self.sessions[vm] = session
         return session

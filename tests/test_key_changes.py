@@ -23,7 +23,7 @@ from tvdnet import (
     Session,
 )
 from tvdnet.core import frames
-from tvdnet.core.constants import KEY_DELAY, KEY_SLOTS, KEY_WORK_CHUNK
+from tvdnet.core.constants import KEY_CHANGE_SPREAD, KEY_DELAY, KEY_SLOTS, KEY_WORK_CHUNK
 
 START_2 = 10.0  # the start of period 2
 
@@ -667,3 +667,109 @@ def test_the_older_key_goes_when_its_last_connection_fails_authentication() -> N
 
 def test_a_backslash_from_a_stranger_is_escaped_too() -> None:
     assert frames.printable("a\\nb\n") == "a\\\\nb\\n"
+
+
+# ---------------------------------------------------------------- key changes spread out
+
+
+def spread_pair(tvd: Tvd, now: float) -> tuple[Session, Session, Link]:
+    """Two sessions that spread their key changes (KEY_CHANGE_SPREAD), connected in
+    period 1."""
+    a = tvd.session("vm-a", key_change_spread=KEY_CHANGE_SPREAD)
+    b = tvd.session("vm-b", key_change_spread=KEY_CHANGE_SPREAD)
+    tvd.update_all(1, now)
+    link = Link(a, b, now)
+    link.pump(now)
+    events(a)
+    events(b)
+    return a, b, link
+
+
+def test_a_pair_that_can_go_on_derives_its_new_key_at_its_own_offset() -> None:
+    """The first key is derived at once; a later one, while SK_{t-1} serves, at an
+    offset both ends compute alike, within a quarter of min(allowance, period)."""
+    tvd = Tvd()
+    a, b, link = spread_pair(tvd, mid(1))
+    assert a.key_state("vm-b").period == 1  # no previous key to go on with: at once
+    now = START_2 + 0.05
+    assert tvd.update("vm-a", 2, now) == (1, [])  # taken (acknowledged as applied) ...
+    tvd.update("vm-b", 2, now)
+    assert a.key_state("vm-b").period == b.key_state("vm-a").period == 1  # ... not derived
+    due = a.next_deadline()
+    assert now < due <= now + min(2.0, 10.0) / 4
+    assert b.next_deadline() == due  # the same offset at both ends
+    a.send("vm-b", "meanwhile", now)
+    link.pump(now)
+    assert received(b) == [(1, "meanwhile")]  # the pair talks on under SK_1
+    a.handle_timeout(due)
+    b.handle_timeout(due)
+    link.pump(due + KEY_DUE)
+    a.handle_timeout(due + KEY_DUE)
+    b.handle_timeout(due + KEY_DUE)
+    link.pump(due + KEY_DUE)
+    assert a.key_state("vm-b").period == b.key_state("vm-a").period == 2
+    a.send("vm-b", "after", due + 0.2)
+    link.pump(due + 0.2)
+    assert received(b) == [(2, "after")]
+
+
+def test_a_frame_under_the_new_period_derives_the_key_at_once() -> None:
+    """vm-b derived period 2 already (no spread) and seals under it: vm-a, holding the
+    partial, derives it when that frame comes rather than refuse it as `unknown`."""
+    tvd = Tvd()
+    a = tvd.session("vm-a", key_change_spread=KEY_CHANGE_SPREAD)
+    b = tvd.session("vm-b")
+    tvd.update_all(1, mid(1))
+    link = Link(a, b, mid(1))
+    link.pump(mid(1))
+    now = START_2 + 0.05
+    tvd.update("vm-a", 2, now)
+    assert a.key_state("vm-b").period == 1
+    tvd.update("vm-b", 2, now)  # KEY 2 to vm-a, under SK_1: vm-a derives on learning it
+    link.pump(now + KEY_DUE)
+    b.handle_timeout(now + KEY_DUE)
+    link.pump(now + KEY_DUE)
+    assert a.key_state("vm-b").period == 2
+    assert a.stats["rejected_unknown"] == 0
+    # And a new connection whose first frame is under period 2 finds the key there.
+    c = tvd.session("vm-a", key_change_spread=KEY_CHANGE_SPREAD, instance=b"\x07" * 8)
+    c.apply_update(1, tvd.partials("vm-a", 1), mid(1))
+    c.apply_update(2, tvd.partials("vm-a", 2), now)
+    assert c.key_state("vm-b").period == 1
+    second = Link(b, c, now + 0.1)
+    second.pump(now + 0.1)
+    assert c.key_state("vm-b").period == 2 and c.stats["rejected_unknown"] == 0
+
+
+def test_a_partial_waiting_for_its_time_is_erased_with_the_peer() -> None:
+    tvd = Tvd(("vm-a", "vm-b", "vm-c"))
+    a = tvd.session("vm-a", key_change_spread=KEY_CHANGE_SPREAD)
+    tvd.update("vm-a", 1, mid(1))
+    partials = tvd.partials("vm-a", 2)
+    a.apply_update(2, partials, START_2 + 0.01)
+    assert all(p == bytes(32) for p in partials.values())  # the caller's copies zeroed
+    assert set(a._pending) == {"vm-b", "vm-c"}
+    waiting = a._pending["vm-c"][1]
+    a.set_members(["vm-a", "vm-b"], START_2 + 0.02)
+    assert waiting == bytes(32) and set(a._pending) == {"vm-b"}
+    waiting = a._pending["vm-b"][1]
+    a.erase_all_keys()
+    assert waiting == bytes(32) and a._pending == {}
+
+
+def test_a_connection_the_node_may_not_send_on_yet_does_not_spin_its_timer() -> None:
+    """Found with the spread key changes: an open connection whose peer had not
+    authenticated, on a node that may send nothing there yet (no key for the current
+    period), re-armed its keepalive timer at a time already past, and the node's timer
+    task spun. Here vm-a holds no key for period 5 (cut off) when vm-b connects."""
+    tvd = Tvd()
+    a, b = tvd.session("vm-a"), tvd.session("vm-b")
+    tvd.update("vm-a", 1, mid(1))
+    tvd.update("vm-b", 5, mid(5))
+    now = mid(5)
+    link = Link(b, a, now)
+    link.pump(now)
+    assert a.connection_state(link.conn_b) is ConnectionState.OPEN
+    later = now + 11.0  # past the keepalive interval; nothing was sent since the HELLO
+    a.handle_timeout(later)
+    assert a.next_deadline() > later

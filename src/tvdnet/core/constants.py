@@ -38,6 +38,13 @@ KEY_SLOTS: Final = 8  # ...in this many steps (each a wake-up of the node's time
 # A new key for many peers at once: the rest of the key change (KEY, erasure timers,
 # dialing) is done this many peers at a time, after the update is acknowledged.
 KEY_WORK_CHUNK: Final = 128
+# A pair that can go on with its previous key derives the new one at an offset of its own
+# after the update arrives, up to a quarter of min(allowance, period length) and at most
+# KEY_CHANGE_SPREAD: the same offset at both ends (a hash of the pair and the period), so
+# that a hub's 1,200 key changes, and the KEY frames each one costs, spread over that
+# time instead of landing in one burst. A frame, a KEY or a new connection that needs the
+# new key first derives it at once.
+KEY_CHANGE_SPREAD: Final = 0.5
 RESEND_INITIAL: Final = 1.0  # SPEC §4: re-send when the oldest has waited 1 s
 RESEND_MAX: Final = 30.0  # SPEC §4: backing off to 30 s
 

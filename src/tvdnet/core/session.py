@@ -30,6 +30,7 @@ Where the rules live:
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import math
 import secrets
@@ -52,6 +53,7 @@ from .constants import (
     INSTANCE_LEN,
     KEEPALIVE_INTERVAL,
     KEPT_INSTANCES,
+    KEY_CHANGE_SPREAD,
     KEY_DELAY,
     KEY_SLOTS,
     KEY_SPREAD,
@@ -227,6 +229,13 @@ def _packed_uint_len(n: int) -> int:
     return 5 if n < 0x1_0000_0000 else 9
 
 
+def _pair_fraction(me: str, peer: str, t: int) -> float:
+    """A number in [0, 1) that both nodes of a pair compute alike for period t."""
+    lo, hi = sorted((me, peer), key=id_order_key)
+    digest = hashlib.blake2s(f"{lo}\x00{hi}\x00{t}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def _key_delay(conn_id: int) -> float:
     """How long after a KEY event this connection's KEY leaves: KEY_DELAY plus one of
     KEY_SLOTS steps across KEY_SPREAD, picked by a low-discrepancy sequence of the
@@ -258,6 +267,7 @@ class Session:
         window_messages: int = SEND_WINDOW_MESSAGES,
         window_bytes: int = SEND_WINDOW_BYTES,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        key_change_spread: float = KEY_CHANGE_SPREAD,
     ) -> None:
         self.tvd = keys.tvd
         self.me = keys.vm
@@ -284,6 +294,9 @@ class Session:
         self._key_work: dict[str, _Peer] = {}  # new keys whose key change is still to do
         self._departed: OrderedDict[str, PeerDelivery] = OrderedDict()  # removed peers
         self._delivering = True
+        # Partials taken and not yet derived (see KEY_CHANGE_SPREAD): peer -> (t, partial).
+        self._pending: dict[str, tuple[int, bytearray]] = {}
+        self._spread = min(key_change_spread, min(allowance, schedule.period_s) / 4)
         self.stats: Counter[str] = Counter()
         self.set_members(keys.peers if members is None else members, now=-math.inf)
 
@@ -342,6 +355,7 @@ class Session:
     def _remove_peer(self, peer: _Peer, now: float) -> None:
         peer.keys.forget()
         self._key_work.pop(peer.id, None)
+        self._drop_pending(peer.id)
         for conn in list(peer.conns):
             self._close(conn, frames.NOT_A_MEMBER, "the peer left the TVD", now)
         for message in peer.delivery.forget(FORGOTTEN_INSTANCES):
@@ -380,6 +394,21 @@ class Session:
                 if peer_id in self._members and peer_id != self.me:
                     missing.append(peer_id)
                 continue
+            due = self._defer_until(peer, t, now)
+            if due is not None:
+                waiting = self._pending.get(peer_id)
+                if waiting is not None and waiting[0] == t:  # sent again: keep the first
+                    partial[:] = bytes(len(partial))
+                else:
+                    self._drop_pending(peer_id)
+                    self._pending[peer_id] = (t, bytearray(partial))
+                    partial[:] = bytes(len(partial))
+                    self._timers.set(_timer("derive", peer_id), due)
+                applied += 1
+                continue
+            waiting = self._pending.get(peer_id)
+            if waiting is not None and waiting[0] <= t:
+                self._drop_pending(peer_id)  # overtaken by this update
             comp_key = self._computer_keys.get(peer_id)
             assert comp_key is not None  # a _Peer exists only with a computer key
             result, erased = peer.keys.apply(t, partial, comp_key, now)
@@ -394,6 +423,47 @@ class Session:
         elif self._key_work:
             self._do_key_work(now)  # a few pairs: no reason to wake again for them
         return applied, missing
+
+    def _defer_until(self, peer: _Peer, t: int, now: float) -> float | None:
+        """When to derive period t's key for `peer` (KEY_CHANGE_SPREAD), or None: now.
+
+        Only a pair that holds SK_{t-1} and may use it well past that time waits; a first
+        key, a pair that lost its key, an update that is early, old or repeated, or one
+        so late that the overlap of SK_{t-1} ends soon, is derived (or refused) at once."""
+        keys = peer.keys
+        if not self._spread or keys.period != t - 1 or not keys.has_key:
+            return None
+        if keys.classify(t, now) is not None:
+            return None
+        due = now + self._spread * _pair_fraction(self.me, peer.id, t)
+        # The peer drops SK_{t-1} at the latest when the overlap ends (SPEC §4): a node
+        # whose update came late must not wait until then to move on.
+        overlap_end = self.schedule.end(t - 1) + min(self.allowance, self.schedule.period_s)
+        if due >= overlap_end - self._spread:
+            return None
+        return due
+
+    def _derive_pending(self, peer_id: str, now: float) -> None:
+        """Derive the key a pair was waiting to derive (its time came, or it is needed)."""
+        waiting = self._pending.pop(peer_id, None)
+        if waiting is None:
+            return
+        self._timers.cancel(_timer("derive", peer_id))
+        t, partial = waiting
+        peer = self._peers[peer_id]
+        comp_key = self._computer_keys.get(peer_id)
+        assert comp_key is not None
+        result, erased = peer.keys.apply(t, partial, comp_key, now)
+        if erased:
+            self._erased(peer, erased)
+        if result is UpdateResult.APPLIED:
+            self._key_changed(peer, now)
+
+    def _drop_pending(self, peer_id: str) -> None:
+        waiting = self._pending.pop(peer_id, None)
+        if waiting is not None:
+            waiting[1][:] = bytes(len(waiting[1]))
+            self._timers.cancel(_timer("derive", peer_id))
 
     def stop_delivering(self) -> None:
         """From now on no new message is delivered, so none is acknowledged: the node is
@@ -413,6 +483,8 @@ class Session:
     def erase_all_keys(self) -> None:
         """Forget every period key and its number (a welcome with another schedule, SPEC §5)."""
         self._key_work.clear()
+        for peer_id in list(self._pending):
+            self._drop_pending(peer_id)
         for peer in self._peers.values():
             peer.keys.forget()
             self._timers.cancel(_timer("key", peer.id))
@@ -817,6 +889,9 @@ class Session:
             raise FrameError(frames.BAD_FRAME, f"DATA frame {n}, expected {conn.recv_n}")
         conn.recv_n += 1
         peer = self._peers[cast(str, conn.peer)]
+        waiting = self._pending.get(peer.id)
+        if waiting is not None and peer.keys.period < t <= waiting[0]:
+            self._derive_pending(peer.id, now)  # the peer uses it already
         reason = self._status(conn, peer, t, now)
         if reason is not None:
             # SPEC §4: refused before any decryption; the REJECT only restarts a timer there.
@@ -908,6 +983,9 @@ class Session:
             elif kind == frames.KEY:
                 if not 1 <= seq <= self.schedule.periods or body is not None:
                     raise FrameError(frames.BAD_FRAME, "KEY must be [2, t in 1..N, nil]")
+                waiting = self._pending.get(peer.id)
+                if waiting is not None and seq >= waiting[0]:
+                    self._derive_pending(peer.id, now)  # the peer has it: no reason to wait
                 if seq > conn.key_seen and seq > conn.frame_max:
                     # SPEC §4: first learning that the peer holds a newer key: KEY+ACK.
                     self._key_soon(conn, now)
@@ -1226,7 +1304,9 @@ class Session:
             peer = self._peers.get(name)
             if peer is None:
                 continue
-            if kind == "resend":
+            if kind == "derive":
+                self._derive_pending(peer.id, now)
+            elif kind == "resend":
                 self._on_resend_timer(peer, now)
             elif kind == "dial":
                 self._maybe_dial(peer, now)
@@ -1243,13 +1323,17 @@ class Session:
         if now >= conn.last_auth_recv + IDLE_TIMEOUT:
             self._close(conn, frames.TIMEOUT, "no authenticated DATA in time", now)
             return
-        if now >= conn.last_send + KEEPALIVE_INTERVAL and conn.authenticated:
-            conn.ack_wanted = True  # a keepalive: an ACK-only frame
-            self._ready.add(conn.id)
-            conn.last_send = now
-        self._timers.set(
-            key, min(conn.last_auth_recv + IDLE_TIMEOUT, conn.last_send + KEEPALIVE_INTERVAL)
-        )
+        wake = conn.last_auth_recv + IDLE_TIMEOUT
+        if conn.authenticated:
+            if now >= conn.last_send + KEEPALIVE_INTERVAL:
+                conn.ack_wanted = True  # a keepalive: an ACK-only frame
+                self._ready.add(conn.id)
+                conn.last_send = now
+            wake = min(wake, conn.last_send + KEEPALIVE_INTERVAL)
+        # Before the peer authenticates there is no keepalive (the first-frame timer
+        # re-sends), and a node that may not send yet (no key for the current period)
+        # has not sent since: waking at that past keepalive time again would spin.
+        self._timers.set(key, wake)
 
     def _on_first_timer(self, conn: _Connection, now: float) -> None:
         """SPEC §4: KEY+ACK again, backing off, until the peer's first frame authenticates,
