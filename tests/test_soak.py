@@ -226,6 +226,7 @@ def test_each_reject_is_held_against_a_fault_of_its_pair_or_fails_the_run(
     soak.faults.append({"t": 19.9, "kind": "bridge-kill", "tvd": "star", "down_s": 0.1})
     report = check(soak)
     assert report["rejects_per_fault_kind"] == {"node-kill": 1, "bridge-kill": 2}
+    assert [f.get("rejects", 0) for f in report["faults"]] == [1, 2, 0]  # what each caused
     assert report["ok"]
     soak.faults = soak.faults[:1] + soak.faults[2:]  # only the star's bridge went down
     assert check(soak)["rejects_unattributed"] == 2

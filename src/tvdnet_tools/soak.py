@@ -43,7 +43,9 @@ received) and each process's log:
 - REJECTs: each node records every REJECT it sends (peer, reason) within 0.25 s; each is
   held against a fault on either node of the pair (on any node, for `bridge-kill`) from
   the fault's start to REJECT_GRACE_S plus two periods past its end, and counted per
-  fault kind; one that no fault explains fails the run.
+  fault kind and on the fault itself (`rejects` in its entry of the JSON report's
+  `faults`, which lists every fault with its time and what it did); one that no fault
+  explains fails the run.
 """
 
 from __future__ import annotations
@@ -653,7 +655,8 @@ def check(soak: Soak) -> dict[str, Any]:
             violations.append(f"{name}'s log holds a traceback")
         if SECRET.search(text):
             violations.append(f"{name}'s log holds something shaped like key material")
-    attributed, unattributed = _attribute_rejects(soak, rejects_seen, up)
+    faults = [dict(fault) for fault in soak.faults]  # each with what it caused
+    attributed, unattributed = _attribute_rejects(soak, faults, rejects_seen, up)
     if unattributed:
         violations.append(
             f"{sum(r[4] for r in unattributed)} REJECTs outside every fault's window, the "
@@ -672,7 +675,7 @@ def check(soak: Soak) -> dict[str, Any]:
         "nodes": len(soak.nodes),
         "duration_s": soak.args.duration,
         "period_s": soak.args.period,
-        "faults": soak.faults,
+        "faults": faults,
         "faults_per_kind": {kind: per_kind.get(kind, 0) for kind in soak.args.faults},
         "messages_sent": len(sent),
         "messages_acked": sum(1 for e in sent.values() if e["ok"]),
@@ -694,7 +697,10 @@ def check(soak: Soak) -> dict[str, Any]:
 
 
 def _attribute_rejects(
-    soak: Soak, rejects: list[tuple[float, str, str, str, int]], up: float
+    soak: Soak,
+    faults: list[dict[str, Any]],
+    rejects: list[tuple[float, str, str, str, int]],
+    up: float,
 ) -> tuple[Counter[str], list[tuple[float, str, str, str, int]]]:
     """Hold each REJECT against a fault that could have made it inevitable: one on either
     node of the pair (any node, for the bridge), from its start until REJECT_GRACE_S past
@@ -702,12 +708,13 @@ def _attribute_rejects(
     and those no fault explains. A fault's time is when it began; `back_t`, `down_s`,
     `s` or `away_s` say when it ended. The start of the run counts as one (`start-up`,
     until `up`, when the last node had started, plus the same grace): the nodes get their
-    first keys at different times."""
+    first keys at different times. Each fault of `faults` (the report's copies) gets the
+    number of REJECTs held against it (`rejects`)."""
     grace = REJECT_GRACE_S + 2 * soak.args.period
-    windows: list[tuple[float, float, set[str], str]] = [
-        (soak.began, up + grace, set(soak.nodes), "start-up")
+    windows: list[tuple[float, float, set[str], dict[str, Any]]] = [
+        (soak.began, up + grace, set(soak.nodes), {"kind": "start-up"})
     ]
-    for fault in soak.faults:
+    for fault in faults:
         if fault.get("skipped"):
             continue
         began = soak.began + fault["t"]
@@ -717,23 +724,24 @@ def _attribute_rejects(
             vms = set(soak.groups.get(fault.get("tvd", ""), soak.nodes))
         else:
             vms = {fault.get("vm", "")}
-        windows.append((began, ended + grace, vms, fault["kind"]))
+        windows.append((began, ended + grace, vms, fault))
     attributed: Counter[str] = Counter()
-    unattributed = []
+    unattributed: list[tuple[float, str, str, str, int]] = []
     for reject in rejects:
         t, by, to = reject[:3]
-        kind = next(
+        cause: dict[str, Any] | None = next(
             (
-                k
-                for began, until, vms, k in windows
+                f
+                for began, until, vms, f in windows
                 if began <= t <= until and (by in vms or to in vms)
             ),
             None,
         )
-        if kind is None:
+        if cause is None:
             unattributed.append(reject)
         else:
-            attributed[kind] += reject[4]
+            attributed[cause["kind"]] += reject[4]
+            cause["rejects"] = cause.get("rejects", 0) + reject[4]
     return attributed, unattributed
 
 
