@@ -272,3 +272,25 @@ async def _stalls(proxy: Proxy, pump: Any) -> None:
         nursery.start_soon(proxy.stall, 1.0)  # overlaps, ends first
         await trio.sleep(0.1)
         nursery.start_soon(pump)
+
+
+async def test_a_slowed_proxy_carries_everything_late_and_in_pieces(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    proxy = Proxy(0, 0)
+    into, source = trio.testing.memory_stream_one_way_pair()
+    sink, out = trio.testing.memory_stream_one_way_pair()
+    data = bytes(range(100))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy.slow, 5.0, 16)
+        await trio.sleep(0.01)
+        nursery.start_soon(proxy._pump, source, sink, nursery.cancel_scope)
+        began = trio.current_time()
+        await into.send_all(data)
+        pieces: list[bytes | bytearray] = []
+        while sum(map(len, pieces)) < len(data):
+            pieces.append(await out.receive_some())
+        assert b"".join(pieces) == data and max(map(len, pieces)) <= 16
+        assert trio.current_time() - began >= 6 * 0.02  # seven pieces, 20 ms apart
+        nursery.cancel_scope.cancel()
+    assert proxy.slow_chunk == 0  # the slow ended with its task

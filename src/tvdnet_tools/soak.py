@@ -10,6 +10,8 @@ every pair, and a nemesis that injects faults on a seeded random schedule:
 - `node-term`: SIGTERM a node (a graceful stop), start it again;
 - `tcp-reset`: reset every TCP connection into a node (RST both ways) at its proxy;
 - `tcp-stall`: stop carrying a node's TCP connections for 0.5 to 3 s;
+- `tcp-slow`: for 1 to 5 s, carry a node's TCP connections 16, 64 or 256 bytes at a
+  time, 20 ms apart (frames arrive late and cut in pieces);
 - `tcp-halfopen`: close the dialer's side of a node's connections and leave the node's
   side open and silent for 1 to 5 s (one side closed, the other never told);
 - `channel-cut`: reset a node's key channel (the node says hello again);
@@ -79,13 +81,15 @@ from .local import LocalMember, LocalTvd, console_command, free_port_block, scra
 __all__ = ["FAULTS", "register", "run_soak"]
 
 FAULTS = (
-    "bridge-kill", "node-kill", "node-term", "tcp-reset", "tcp-stall", "tcp-halfopen",
+    "bridge-kill", "node-kill", "node-term", "tcp-reset", "tcp-stall", "tcp-slow",
+    "tcp-halfopen",
     "channel-cut", "update-withhold", "clock-skew", "membership",
 )  # fmt: skip
 SECRET = re.compile(r"\b[0-9a-f]{64}\b")
 DRAIN_S = 15.0  # after the last fault: time for queued messages to be delivered
 MAX_SKEW_S = 0.5  # a clock-skew fault sets a node's clock at most this far off
 REJECT_GRACE_S = 4.0  # past a fault's end (plus two periods): its REJECTs are its own
+SLOW_DELAY_S = 0.02  # a slowed link carries one chunk per this many seconds
 STOP_WINDOW_S = 3.0  # an acknowledged message may die with a receiver killed this soon
 RECORD_LAG_S = 1.0  # how late a loaded sender may record an acknowledgement
 
@@ -134,6 +138,8 @@ class Proxy:
         self.resume = trio.Event()
         self.resume.set()
         self.stalls = 0  # stalls in progress: they may overlap
+        self.slow_chunk = 0  # bytes carried at a time while slowed (0: not slowed)
+        self.slows = 0
 
     async def serve(self) -> None:
         if isinstance(self.listen, int):
@@ -168,12 +174,18 @@ class Proxy:
                     await stream.aclose()
 
     async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+        self, source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, scope: trio.CancelScope
     ) -> None:
         try:
             while data := await source.receive_some(65536):
                 await self.resume.wait()
+                while self.slow_chunk and len(data) > self.slow_chunk:
+                    await sink.send_all(data[: self.slow_chunk])
+                    data = data[self.slow_chunk :]
+                    await trio.sleep(SLOW_DELAY_S)
                 await sink.send_all(data)
+                if self.slow_chunk:
+                    await trio.sleep(SLOW_DELAY_S)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
@@ -200,6 +212,18 @@ class Proxy:
             self.stalls -= 1
             if not self.stalls:
                 self.resume.set()
+
+    async def slow(self, seconds: float, chunk: int) -> None:
+        """Carry at most `chunk` bytes every SLOW_DELAY_S for `seconds` (a congested or
+        lossy link: frames arrive late and in pieces)."""
+        self.slows += 1
+        self.slow_chunk = chunk
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self.slows -= 1
+            if not self.slows:
+                self.slow_chunk = 0
 
     async def half_open(self, seconds: float) -> int:
         """The dialer's side is reset; the node's side stays open, silent, then closes."""
@@ -437,6 +461,10 @@ class Soak:
             nursery.start_soon(self._node_down, kind, vm, fault["down_s"], fault)
         elif kind == "tcp-reset":
             fault["vm"], fault["connections"] = vm, self.proxies[vm].reset()
+        elif kind == "tcp-slow":
+            fault["vm"], fault["s"] = vm, round(rng.uniform(1.0, 5.0), 2)
+            fault["bytes_per_step"] = chunk = rng.choice((16, 64, 256))
+            nursery.start_soon(self.proxies[vm].slow, fault["s"], chunk)
         elif kind == "tcp-stall":
             fault["vm"], fault["s"] = vm, round(rng.uniform(0.5, 3.0), 2)
             nursery.start_soon(self.proxies[vm].stall, fault["s"])
@@ -810,6 +838,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "olive",
         "cyan",
         "magenta",
+        "black",
     )
     colours = dict(zip(FAULTS, palette, strict=True))
     for fault in report["faults"]:
