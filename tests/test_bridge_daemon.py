@@ -33,7 +33,7 @@ from bridge_fakes import (
 
 from device_bridge import _transports, _worker
 from device_bridge._config import MemberConfig, TvdConfig
-from device_bridge._daemon import open_bridge
+from device_bridge._daemon import Bridge, open_bridge
 from device_bridge._transports import (
     ChannelSpec,
     SerialLine,
@@ -44,7 +44,7 @@ from device_bridge._transports import (
     UnixListen,
 )
 from device_bridge.errors import ReloadError, TransportRefused
-from tvdnet import channel
+from tvdnet import WallClock, channel
 from tvdnet.core.scheme import Pair, Schedule, generate
 from tvdnet.ports import open_serial
 from tvdnet_tools.local import free_port
@@ -486,6 +486,19 @@ async def test_a_member_the_keys_do_not_know_is_refused() -> None:
             pass
 
 
+async def keyed_guests(
+    bridge: Bridge, ports: dict[str, StreamPort], clock: WallClock, nursery: trio.Nursery, t: int
+) -> dict[str, FakeGuest]:
+    """A fake guest on every port, each said hello and acknowledged period t."""
+    guests = {vm: FakeGuest(vm, await ports[vm].connect(), clock) for vm in IDS}
+    for guest in guests.values():
+        nursery.start_soon(guest.run)
+        await guest.hello()
+    for vm in IDS:
+        await bridge.wait_acked(vm, t)
+    return guests
+
+
 async def test_reload_removes_a_member_and_tells_the_others(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -494,39 +507,33 @@ async def test_reload_removes_a_member_and_tells_the_others(
     keys = provisioning.for_bridge(1)
     config, ports = stream_config(IDS)
     clock = clock_at(start_of(3) + 1)
-    async with open_bridge(config, keys, clock=clock) as bridge:
-        guests = {vm: FakeGuest(vm, await ports[vm].connect(), clock) for vm in IDS}
-        async with trio.open_nursery() as nursery:
-            for guest in guests.values():
-                nursery.start_soon(guest.run)
-                await guest.hello()
-            for vm in IDS:
-                await bridge.wait_acked(vm, 3)
-            smaller = TvdConfig.for_schedule("test-tvd", SCHEDULE, config.members[:2])
-            result = await bridge.reload(smaller)
-            assert result.removed == ("vm-c",) and result.told == ("vm-a", "vm-b")
-            assert keys.pairs == [Pair("vm-a", "vm-b")]  # vm-c's device keys are erased
-            for vm in ("vm-a", "vm-b"):
-                guest = guests[vm]
-                (members,) = await guest.wait_for(channel.Members)
-                assert [m.id for m in members.members] == ["vm-a", "vm-b"]
-                # SPEC §5: `members`, followed at once by the current update, without vm-c.
-                last_two = [r.message for r in guest.received[-2:]]
-                assert last_two[0] == members and isinstance(last_two[1], channel.Update)
-                assert last_two[1].t == 3
-                peer = "vm-b" if vm == "vm-a" else "vm-a"
-                assert partials_bytes(last_two[1]) == {peer: reference.partials(vm, 3)[peer]}
-            with trio.fail_after(5):
-                await guests["vm-c"].eof.wait()  # its channel was closed
-            assert bridge.vms == ("vm-a", "vm-b")
-            # Adding a member is refused and changes nothing.
-            with pytest.raises(ReloadError, match="provision"):
-                await bridge.reload(config)
-            assert bridge.vms == ("vm-a", "vm-b")
-            await trio.sleep_until(clock.trio_time(start_of(4) + 1))
-            update = guests["vm-a"].updates()[-1].message
-            assert update.t == 4 and list(update.partials) == ["vm-b"]
-            nursery.cancel_scope.cancel()
+    async with open_bridge(config, keys, clock=clock) as bridge, trio.open_nursery() as nursery:
+        guests = await keyed_guests(bridge, ports, clock, nursery, 3)
+        smaller = TvdConfig.for_schedule("test-tvd", SCHEDULE, config.members[:2])
+        result = await bridge.reload(smaller)
+        assert result.removed == ("vm-c",) and result.told == ("vm-a", "vm-b")
+        assert keys.pairs == [Pair("vm-a", "vm-b")]  # vm-c's device keys are erased
+        for vm in ("vm-a", "vm-b"):
+            guest = guests[vm]
+            (members,) = await guest.wait_for(channel.Members)
+            assert [m.id for m in members.members] == ["vm-a", "vm-b"]
+            # SPEC §5: `members`, followed at once by the current update, without vm-c.
+            last_two = [r.message for r in guest.received[-2:]]
+            assert last_two[0] == members and isinstance(last_two[1], channel.Update)
+            assert last_two[1].t == 3
+            peer = "vm-b" if vm == "vm-a" else "vm-a"
+            assert partials_bytes(last_two[1]) == {peer: reference.partials(vm, 3)[peer]}
+        with trio.fail_after(5):
+            await guests["vm-c"].eof.wait()  # its channel was closed
+        assert bridge.vms == ("vm-a", "vm-b")
+        # Adding a member is refused and changes nothing.
+        with pytest.raises(ReloadError, match="provision"):
+            await bridge.reload(config)
+        assert bridge.vms == ("vm-a", "vm-b")
+        await trio.sleep_until(clock.trio_time(start_of(4) + 1))
+        update = guests["vm-a"].updates()[-1].message
+        assert update.t == 4 and list(update.partials) == ["vm-b"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_suspended_member_leaves_and_comes_back_without_provisioning(
@@ -546,51 +553,45 @@ async def test_a_suspended_member_leaves_and_comes_back_without_provisioning(
         SCHEDULE,
         [dataclasses.replace(m, suspended=m.id == "vm-c") for m in config.members],
     )
-    async with open_bridge(config, keys, clock=clock) as bridge:
-        guests = {vm: FakeGuest(vm, await ports[vm].connect(), clock) for vm in IDS}
-        async with trio.open_nursery() as nursery:
-            for guest in guests.values():
-                nursery.start_soon(guest.run)
-                await guest.hello()
-            for vm in IDS:
-                await bridge.wait_acked(vm, 3)
-            result = await bridge.reload(suspended)
-            assert (result.suspended, result.removed, result.told) == (
-                ("vm-c",),
-                (),
-                ("vm-a", "vm-b"),
-            )
-            assert len(keys.pairs) == 3  # kept
-            for vm in ("vm-a", "vm-b"):
-                (members,) = await guests[vm].wait_for(channel.Members)
-                assert [m.id for m in members.members] == ["vm-a", "vm-b"]
-                assert guests[vm].updates()[-1].message.t == 3
-            with trio.fail_after(5):
-                await guests["vm-c"].eof.wait()
-            assert bridge.vms == ("vm-a", "vm-b") and bridge.status().suspended == ("vm-c",)
-            await trio.sleep_until(clock.trio_time(start_of(4) + 1))
-            update = guests["vm-a"].updates()[-1].message
-            assert update.t == 4 and list(update.partials) == ["vm-b"]
-            assert keys.period == 4  # vm-c's pairs evolved with the others
+    async with open_bridge(config, keys, clock=clock) as bridge, trio.open_nursery() as nursery:
+        guests = await keyed_guests(bridge, ports, clock, nursery, 3)
+        result = await bridge.reload(suspended)
+        assert (result.suspended, result.removed, result.told) == (
+            ("vm-c",),
+            (),
+            ("vm-a", "vm-b"),
+        )
+        assert len(keys.pairs) == 3  # kept
+        for vm in ("vm-a", "vm-b"):
+            (members,) = await guests[vm].wait_for(channel.Members)
+            assert [m.id for m in members.members] == ["vm-a", "vm-b"]
+            assert guests[vm].updates()[-1].message.t == 3
+        with trio.fail_after(5):
+            await guests["vm-c"].eof.wait()
+        assert bridge.vms == ("vm-a", "vm-b") and bridge.status().suspended == ("vm-c",)
+        await trio.sleep_until(clock.trio_time(start_of(4) + 1))
+        update = guests["vm-a"].updates()[-1].message
+        assert update.t == 4 and list(update.partials) == ["vm-b"]
+        assert keys.period == 4  # vm-c's pairs evolved with the others
 
-            result = await bridge.reload(config)
-            assert (result.resumed, result.suspended) == (("vm-c",), ())
-            assert set(result.told) >= {"vm-a", "vm-b"}
-            back = FakeGuest("vm-c", await ports["vm-c"].connect(), clock)
-            nursery.start_soon(back.run)
-            await back.hello()
-            (welcome,) = await back.wait_for(channel.Welcome)
-            assert [m.id for m in welcome.members] == list(IDS)
-            await bridge.wait_acked("vm-c", 4)
-            update = back.updates()[-1].message
-            assert update.t == 4 and partials_bytes(update) == reference.partials("vm-c", 4)
-            for vm in ("vm-a", "vm-b"):
-                members_messages = [
-                    r.message for r in guests[vm].received if isinstance(r.message, channel.Members)
-                ]
-                assert [m.id for m in members_messages[-1].members] == list(IDS)
-                assert partials_bytes(guests[vm].updates()[-1].message) == reference.partials(vm, 4)
-            nursery.cancel_scope.cancel()
+        result = await bridge.reload(config)
+        assert (result.resumed, result.suspended) == (("vm-c",), ())
+        assert set(result.told) >= {"vm-a", "vm-b"}
+        back = FakeGuest("vm-c", await ports["vm-c"].connect(), clock)
+        nursery.start_soon(back.run)
+        await back.hello()
+        (welcome,) = await back.wait_for(channel.Welcome)
+        assert [m.id for m in welcome.members] == list(IDS)
+        await bridge.wait_acked("vm-c", 4)
+        update = back.updates()[-1].message
+        assert update.t == 4 and partials_bytes(update) == reference.partials("vm-c", 4)
+        for vm in ("vm-a", "vm-b"):
+            members_messages = [
+                r.message for r in guests[vm].received if isinstance(r.message, channel.Members)
+            ]
+            assert [m.id for m in members_messages[-1].members] == list(IDS)
+            assert partials_bytes(guests[vm].updates()[-1].message) == reference.partials(vm, 4)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_reload_names_each_address_it_changed(

@@ -37,8 +37,8 @@ def data_periods(chunks: list[bytearray]) -> list[int]:
     return [f[1] for f in frames_in(chunks) if f[0] == frames.DATA]
 
 
-def opened(tvd: Tvd, now: float) -> tuple[Session, Session, Link]:
-    a, b = tvd.session("vm-a"), tvd.session("vm-b")
+def opened(tvd: Tvd, now: float, **settings: Any) -> tuple[Session, Session, Link]:
+    a, b = tvd.session("vm-a", **settings), tvd.session("vm-b", **settings)
     tvd.update_all(1, now)
     link = Link(a, b, now)
     link.pump(now)
@@ -675,14 +675,7 @@ def test_a_backslash_from_a_stranger_is_escaped_too() -> None:
 def spread_pair(tvd: Tvd, now: float) -> tuple[Session, Session, Link]:
     """Two sessions that spread their key changes (KEY_CHANGE_SPREAD), connected in
     period 1."""
-    a = tvd.session("vm-a", key_change_spread=KEY_CHANGE_SPREAD)
-    b = tvd.session("vm-b", key_change_spread=KEY_CHANGE_SPREAD)
-    tvd.update_all(1, now)
-    link = Link(a, b, now)
-    link.pump(now)
-    events(a)
-    events(b)
-    return a, b, link
+    return opened(tvd, now, key_change_spread=KEY_CHANGE_SPREAD)
 
 
 def test_a_pair_that_can_go_on_derives_its_new_key_at_its_own_offset() -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import trio.testing
 from nodes import Harness
 
 from device_bridge import TvdConfig
-from tvdnet import KeyErased, SendTimeout, UnknownPeer
+from tvdnet import KeyErased, Node, SendTimeout, UnknownPeer
 from tvdnet.control import control_request, serve_control
 
 if TYPE_CHECKING:
@@ -144,6 +145,13 @@ async def test_a_bridge_outage_longer_than_a_period_loses_nothing(
         assert a.status()["cut_off"] is False
 
 
+async def send_each(node: Node, peer: str, bodies: Iterable[int], sent: list[int]) -> None:
+    """Send each body in turn (each send() returns on the peer's ACK); note each sent."""
+    for body in bodies:
+        await node.send(peer, body)
+        sent.append(body)
+
+
 async def test_a_peer_restart_gets_every_unacknowledged_message_once(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:
@@ -156,14 +164,8 @@ async def test_a_peer_restart_gets_every_unacknowledged_message_once(
         assert [(await h.nodes["vm-b"].receive()).body for _ in range(5)] == list(range(5))
         h.stop_node("vm-b")
         results: list[int] = []
-
-        async def send_later() -> None:
-            for i in range(5, 10):
-                await a.send("vm-b", i)
-                results.append(i)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_later)
+            nursery.start_soon(send_each, a, "vm-b", range(5, 10), results)
             await trio.sleep(2)
             b2 = await h.restart_node("vm-b")
             got = [(await b2.receive()).body for _ in range(5)]
@@ -188,14 +190,8 @@ async def test_a_graceful_stop_acknowledges_only_what_the_application_takes(
         assert [(await b.receive()).body for _ in range(2)] == [0, 1]
         b.stop_receiving()
         results: list[int] = []
-
-        async def send_later() -> None:
-            for i in range(5, 8):
-                await a.send("vm-b", i)
-                results.append(i)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_later)
+            nursery.start_soon(send_each, a, "vm-b", range(5, 8), results)
             await trio.sleep(3)
             assert [m.body async for m in b] == [2, 3, 4]  # what it acknowledged, then the end
             with pytest.raises(trio.EndOfChannel):

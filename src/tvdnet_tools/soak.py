@@ -76,7 +76,14 @@ from tvdnet import ControlError
 from tvdnet.control import control_request
 
 from .loadtest import _seconds, _whole
-from .local import LocalMember, LocalTvd, console_command, free_port_block, scratch_dir
+from .local import (
+    LocalMember,
+    LocalTvd,
+    console_command,
+    free_port_block,
+    scratch_dir,
+    stop_processes,
+)
 
 __all__ = ["FAULTS", "register", "run_soak"]
 
@@ -403,13 +410,9 @@ class Soak:
             self.final = {vm: node.incarnation for vm, node in self.nodes.items()}
             for node in self.nodes.values():
                 await node.terminate()
-            for bridge in self.bridges.values():
-                assert bridge.process is not None
-                bridge.process.terminate()
-                with trio.move_on_after(20):
-                    await bridge.process.wait()
-                if bridge.process.returncode is None:
-                    bridge.process.kill()
+            await stop_processes(
+                {tvd: b.process for tvd, b in self.bridges.items() if b.process}, timeout=20
+            )
             nursery.cancel_scope.cancel()
         return check(self)
 
