@@ -7,8 +7,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from helpers import Link, Tvd, connection, events, frames_in, mid, open_frame_as
 from tvdnet import (
@@ -30,7 +28,6 @@ from tvdnet import (
 from tvdnet.core import frames
 from tvdnet.core.constants import FRAME_LIMIT, MESSAGE_LIMIT
 from tvdnet.core.scheme import Schedule
-from tvdnet.core.session import _packed_uint_len
 
 
 def received(session: Session, evs: list[Any] | None = None) -> list[tuple[str, int, Any]]:
@@ -720,7 +717,13 @@ def test_a_peer_removed_and_added_back_resumes_its_numberings(tvd: Tvd) -> None:
     assert b.stats["duplicates"] == 0
 
 
-@given(st.integers(0, 2**64 - 1))
-def test_the_message_header_size_is_what_msgpack_packs(seq: int) -> None:
-    """Session.send counts a message's size without packing its number (the data path)."""
-    assert _packed_uint_len(seq) == len(msgpack.packb(seq))
+def test_the_message_limit_counts_the_whole_packed_message() -> None:
+    """MESSAGE_LIMIT bounds the packed [0, seq, body] exactly: its number counts too."""
+    a = Tvd(["vm-a", "vm-b"]).session("vm-a")
+    near = MESSAGE_LIMIT - 16
+    fits = near + MESSAGE_LIMIT - len(msgpack.packb([frames.MSG, 1, b"x" * near]))
+    assert len(msgpack.packb([frames.MSG, 1, b"x" * fits])) == MESSAGE_LIMIT
+    with pytest.raises(MessageTooLarge):
+        a.send("vm-b", b"x" * (fits + 1), 0.0)
+    a.send("vm-b", b"x" * fits, 0.0)
+    assert a.unacknowledged("vm-b") == 1

@@ -30,7 +30,10 @@ class WallClock:
         return self._offset
 
     def now(self) -> float:
-        return self.offset + trio.current_time()
+        offset = self._offset  # not through the property: every send() comes here
+        if offset is None:
+            offset = self.offset
+        return offset + trio.current_time()
 
     def trio_time(self, wall: float) -> float:
         """The trio clock reading at which the wall clock shows `wall`."""

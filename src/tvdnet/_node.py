@@ -8,8 +8,8 @@ and the outside world:
   the inbox, acknowledgements to waiting `send()`s, dial requests to dial tasks), writes
   what the session has for each connection at once (`_flush`: one non-blocking write),
   and moves the timer task's deadline when something earlier comes.
-- `send()` only marks its connection for the flusher task, so that the messages sent
-  meanwhile go out together in one frame.
+- `send()` queues its message in the session and only wakes the flusher task, which runs
+  `_after()` once for all the messages sent meanwhile: they go out together in one frame.
 - per connection: one task that reads (bytes -> `Session.receive_data`); a drain task
   only while a socket does not take what is written; the timer's watchdog drops a
   connection whose peer takes nothing.
@@ -99,17 +99,10 @@ class _Waiter:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    async def wait(self) -> None:
-        if self.done:
-            await trio.lowlevel.checkpoint()
-            return
-        self.task = trio.lowlevel.current_task()
-
-        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            self.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """The waiting `send()` was cancelled (`wait_task_rescheduled`'s abort_func)."""
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _SendDeadlines:
@@ -154,19 +147,33 @@ class _SendDeadlines:
 
 
 class _Wakeup:
-    """A level-triggered wake-up for one task."""
+    """A level-triggered wake-up for one task; `set()` is cheap when already set (every
+    `send()` calls it)."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_is_set", "_task")
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._is_set = False
+        self._task: trio.lowlevel.Task | None = None
 
     def set(self) -> None:
-        self._event.set()
+        if not self._is_set:
+            self._is_set = True
+            task, self._task = self._task, None
+            if task is not None:
+                trio.lowlevel.reschedule(task)
 
     async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()
+        if self._is_set:
+            await trio.lowlevel.checkpoint()
+        else:
+            self._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        self._is_set = False
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Node:
@@ -181,8 +188,7 @@ class Node:
         self._agent = agent
         self._clock = clock
         self._nursery: trio.Nursery | None = None
-        self._dirty: set[int] = set()  # connections send() has queued messages on
-        self._flusher = _Wakeup()
+        self._flusher = _Wakeup()  # send() queued messages: the flusher task seals them
         self._draining: set[int] = set()  # connections whose drain task is writing
         self._ending: set[int] = set()  # ended before their task started
         self._streams: dict[int, trio.abc.Stream] = {}
@@ -190,7 +196,7 @@ class Node:
         self._window_waiters: dict[str, trio.Event] = {}
         self._inbox: deque[ev.Message] = deque()
         self._inbox_ready = trio.Event()
-        self._inbox_space = trio.Event()
+        self._inbox_space: trio.Event | None = None  # readers wait for the application
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf  # trio time the timer task sleeps until
         self._send_deadlines = _SendDeadlines()
@@ -291,12 +297,14 @@ class Node:
                 await self._wait_for_window(peer, waiter)
                 handle = session.send(peer, body, self._clock.now())
             self._waiters[handle] = waiter
-            if session.has_events():
-                self._after()
-            else:  # the common case: the flusher writes it, with whatever else is queued
-                self._dirty.update(session.ready_connections())
-                self._flusher.set()
-            await waiter.wait()
+            # The flusher task seals and writes it with whatever else is sent meanwhile
+            # (one frame for many), and hands on what the session has to say.
+            self._flusher.set()
+            if waiter.done:
+                await trio.lowlevel.checkpoint()
+            else:
+                waiter.task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(waiter.abort)
         finally:
             waiter.done = True  # whatever ended it: its deadline is moot
             if handle is not None:
@@ -348,14 +356,17 @@ class Node:
         """The next message from any peer (in order and exactly once per peer).
 
         After `stop_receiving()`, raises `trio.EndOfChannel` once the inbox is empty."""
-        while not self._inbox:
+        inbox = self._inbox
+        while not inbox:
             if not self._session.delivering:
                 raise trio.EndOfChannel("the node stopped receiving and its inbox is empty")
             await self._inbox_ready.wait()
-        message = self._inbox.popleft()
-        if not self._inbox:
+        message = inbox.popleft()
+        if not inbox:
             self._inbox_ready = trio.Event()
-        self._inbox_space.set()
+        if self._inbox_space is not None:  # a reader waits for room
+            self._inbox_space.set()
+            self._inbox_space = None
         return message
 
     def _put_back(self, message: ev.Message) -> None:
@@ -421,8 +432,16 @@ class Node:
     def _after(self) -> None:
         """After any call into the session: dispatch its events and write what it has."""
         session = self._session
-        while (event := session.next_event()) is not None:
-            self._dispatch(event)
+        events = session.take_events()
+        if events:
+            inbox = self._inbox
+            for event in events:
+                if type(event) is ev.Message:  # most events: inline
+                    inbox.append(event)
+                else:
+                    self._dispatch(event)
+            if inbox:
+                self._inbox_ready.set()
         for conn in session.ready_connections():
             self._flush(conn)
         if self._keys_erased:
@@ -492,14 +511,12 @@ class Node:
         else:
             self._ending.add(conn)  # its task has not started yet
 
-    async def _flush_dirty(self) -> None:
-        """The connections `send()` queued messages on, written once per wake-up: the
-        messages sent meanwhile go out coalesced, a frame for many."""
+    async def _flush_sent(self) -> None:
+        """What `send()` queued, sealed and written once per wake-up: the messages sent
+        meanwhile go out coalesced, a frame for many."""
         while True:
             await self._flusher.wait()
-            dirty, self._dirty = self._dirty, set()
-            for conn in dirty:
-                self._flush(conn)
+            self._after()
 
     def _arm_trio(self, when: float) -> None:
         """Wake the timer task by `when` (trio time): moved only when earlier."""
@@ -513,14 +530,15 @@ class Node:
         self._arm_trio(self._clock.trio_time(deadline))
 
     def _dispatch(self, event: ev.Event) -> None:
-        if type(event) is ev.Message:
-            self._inbox.append(event)
-            self._inbox_ready.set()
-        elif type(event) is ev.MessagesAcknowledged:
-            for handle in event.handles:
-                waiter = self._waiters.get(handle)
-                if waiter is not None:
-                    waiter.finish()
+        if type(event) is ev.MessagesAcknowledged:
+            waiters = self._waiters
+            for handle in event.handles:  # the whole window's, at 64 in flight: inline
+                waiter = waiters.get(handle)
+                if waiter is not None and not waiter.done:
+                    waiter.done = True
+                    task, waiter.task = waiter.task, None
+                    if task is not None:
+                        trio.lowlevel.reschedule(task)
             window = self._window_waiters.pop(event.peer, None)
             if window is not None:
                 window.set()
@@ -724,8 +742,10 @@ class Node:
             while True:
                 while len(self._inbox) >= self.config.inbox_size:
                     # Backpressure: stop reading while the application lags behind.
-                    self._inbox_space = trio.Event()
-                    await self._inbox_space.wait()
+                    space = self._inbox_space
+                    if space is None:
+                        space = self._inbox_space = trio.Event()
+                    await space.wait()
                 data = await receive_some(stream, fd, _READ_SIZE)
                 session.receive_data(conn, data, self._clock.now())
                 self._after()
@@ -838,7 +858,7 @@ async def open_node(
         node._nursery = nursery
         await nursery.start(node._serve, listeners)
         nursery.start_soon(node._timers)
-        nursery.start_soon(node._flush_dirty)
+        nursery.start_soon(node._flush_sent)
         nursery.start_soon(
             run_key_channel,
             config.key_channel,

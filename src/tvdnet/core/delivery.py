@@ -122,11 +122,9 @@ class Numbering:
             entry.packed = pack_header(entry.seq) + entry.message.body
             self.next_seq += 1
 
-    def unsent(self, after: int) -> Iterator[Entry]:
+    def unsent(self, after: int) -> list[Entry]:
         """The copies numbered above `after`, in order."""
-        for entry in self.entries:
-            if entry.seq > after:
-                yield entry
+        return [entry for entry in self.entries if entry.seq > after]
 
 
 class PeerDelivery:
@@ -166,17 +164,19 @@ class PeerDelivery:
         """The messages not yet acknowledged anywhere, in the order they were sent."""
         return (m for m in self.pending if not m.done)
 
-    def done(self, message: OutMessage) -> bool:
-        """Mark `message` delivered; False if it already was."""
-        if message.done:
-            return False
-        message.done = True
-        self.pending_count -= 1
-        self.pending_bytes -= message.size
+    def done(self, messages: Iterable[OutMessage]) -> list[int]:
+        """Mark `messages` delivered; the handles of those that were not already."""
+        handles = []
+        for message in messages:
+            if not message.done:
+                message.done = True
+                self.pending_count -= 1
+                self.pending_bytes -= message.size
+                handles.append(message.handle)
         pending = self.pending
         while pending and pending[0].done:
             pending.popleft()
-        return True
+        return handles
 
     def delivered_from(self, instance: bytes) -> int:
         """How far this node delivered from `instance` (0 if it never did, as far as it

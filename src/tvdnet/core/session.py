@@ -190,14 +190,16 @@ class _Peer:
         "dialing",
         "id",
         "keys",
+        "pair_label",
         "refused_expired",
         "refused_unknown",
         "rejected",
         "resend_backoff",
     )
 
-    def __init__(self, peer: str, keys: PairKeys) -> None:
+    def __init__(self, peer: str, keys: PairKeys, pair_label: bytes) -> None:
         self.id = peer
+        self.pair_label = pair_label  # the pair's ids in order, for `_pair_fraction`
         self.keys = keys
         self.delivery = PeerDelivery()
         self.conns: set[_Connection] = set()
@@ -218,21 +220,15 @@ _KEY_WORK: Final = _timer("key-work", 0)
 _GOLDEN: Final = (math.sqrt(5) - 1) / 2
 
 
-def _packed_uint_len(n: int) -> int:
-    """The length of msgpack's encoding of the unsigned integer n (as `pack` makes it)."""
-    if n < 0x80:
-        return 1
-    if n < 0x100:
-        return 2
-    if n < 0x10000:
-        return 3
-    return 5 if n < 0x1_0000_0000 else 9
-
-
-def _pair_fraction(me: str, peer: str, t: int) -> float:
-    """A number in [0, 1) that both nodes of a pair compute alike for period t."""
+def _pair_label(me: str, peer: str) -> bytes:
+    """The pair's two ids in their order (the same at both ends), for `_pair_fraction`."""
     lo, hi = sorted((me, peer), key=id_order_key)
-    digest = hashlib.blake2s(f"{lo}\x00{hi}\x00{t}".encode(), digest_size=8).digest()
+    return f"{lo}\x00{hi}\x00".encode()
+
+
+def _pair_fraction(pair_label: bytes, t: int) -> float:
+    """A number in [0, 1) that both nodes of a pair compute alike for period t."""
+    digest = hashlib.blake2s(pair_label + str(t).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
@@ -344,7 +340,8 @@ class Session:
                 missing.append(member)
                 continue
             keys = PairKeys(self.tvd, self.me, member, self.schedule, self.allowance)
-            returning = self._peers[member] = _Peer(member, keys)
+            label = _pair_label(self.me, member)
+            returning = self._peers[member] = _Peer(member, keys, label)
             departed = self._departed.pop(member, None)
             if departed is not None:
                 # Back while both processes run: its instances resume their numberings.
@@ -387,6 +384,7 @@ class Session:
         self.schedule.check(t)
         applied = 0
         missing: list[str] = []
+        latest = self._latest_derivation(t, now)
         for peer_id, partial in partials.items():
             peer = self._peers.get(peer_id)
             if peer is None:
@@ -394,18 +392,16 @@ class Session:
                 if peer_id in self._members and peer_id != self.me:
                     missing.append(peer_id)
                 continue
-            due = self._defer_until(peer, t, now)
-            if due is not None:
-                waiting = self._pending.get(peer_id)
-                if waiting is not None and waiting[0] == t:  # sent again: keep the first
-                    partial[:] = bytes(len(partial))
-                else:
-                    self._drop_pending(peer_id)
-                    self._pending[peer_id] = (t, bytearray(partial))
-                    partial[:] = bytes(len(partial))
-                    self._timers.set(_timer("derive", peer_id), due)
-                applied += 1
-                continue
+            keys = peer.keys
+            # KEY_CHANGE_SPREAD: a pair that holds SK_{t-1} derives SK_t at its offset,
+            # unless that comes too late for the overlap (a first key, a lost one, or an
+            # update that is early, old or repeated, is derived or refused at once).
+            if latest is not None and keys.period == t - 1 and keys.has_key:
+                due = now + self._spread * _pair_fraction(peer.pair_label, t)
+                if due < latest:
+                    self._defer(peer_id, t, partial, due)
+                    applied += 1
+                    continue
             waiting = self._pending.get(peer_id)
             if waiting is not None and waiting[0] <= t:
                 self._drop_pending(peer_id)  # overtaken by this update
@@ -424,24 +420,27 @@ class Session:
             self._do_key_work(now)  # a few pairs: no reason to wake again for them
         return applied, missing
 
-    def _defer_until(self, peer: _Peer, t: int, now: float) -> float | None:
-        """When to derive period t's key for `peer` (KEY_CHANGE_SPREAD), or None: now.
-
-        Only a pair that holds SK_{t-1} and may use it well past that time waits; a first
-        key, a pair that lost its key, an update that is early, old or repeated, or one
-        so late that the overlap of SK_{t-1} ends soon, is derived (or refused) at once."""
-        keys = peer.keys
-        if not self._spread or keys.period != t - 1 or not keys.has_key:
+    def _latest_derivation(self, t: int, now: float) -> float | None:
+        """Until when a pair may wait to derive period t's key (KEY_CHANGE_SPREAD), or
+        None when none waits for an update of period t arriving now: spreading is off,
+        t is the first period, or the update is early or stale (refused at once)."""
+        if not self._spread or t < 2:
             return None
-        if keys.classify(t, now) is not None:
-            return None
-        due = now + self._spread * _pair_fraction(self.me, peer.id, t)
+        schedule, allowance = self.schedule, self.allowance
+        if not schedule.start(t) - allowance <= now < schedule.end(t) + allowance:
+            return None  # what PairKeys.classify calls EARLY or STALE
         # The peer drops SK_{t-1} at the latest when the overlap ends (SPEC §4): a node
         # whose update came late must not wait until then to move on.
-        overlap_end = self.schedule.end(t - 1) + min(self.allowance, self.schedule.period_s)
-        if due >= overlap_end - self._spread:
-            return None
-        return due
+        return schedule.end(t - 1) + min(allowance, schedule.period_s) - self._spread
+
+    def _defer(self, peer_id: str, t: int, partial: bytearray, due: float) -> None:
+        """Keep a copy of the partial to derive period t's key at `due`; zero `partial`."""
+        waiting = self._pending.get(peer_id)
+        if waiting is None or waiting[0] != t:  # sent again: the first copy stays
+            self._drop_pending(peer_id)
+            self._pending[peer_id] = (t, bytearray(partial))
+            self._timers.set(_timer("derive", peer_id), due)
+        partial[:] = bytes(len(partial))
 
     def _derive_pending(self, peer_id: str, now: float) -> None:
         """Derive the key a pair was waiting to derive (its time came, or it is needed)."""
@@ -652,31 +651,34 @@ class Session:
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnserializableBody(f"msgpack cannot encode the body: {exc}") from None
         # SPEC §4: the packed [0, seq, body], seq the number it takes in the numbering
-        # that uses the most digits (a copy goes into each).
+        # that uses the most digits (a copy goes into each). This is every message's
+        # path: calls are inlined where one per message would cost (benchmarks/steps.py).
         numberings = delivery.numberings
         if len(numberings) == 1:
-            seq = next(iter(numberings.values())).next_seq
+            (numbering,) = numberings.values()
+            seq = numbering.next_seq
         else:
             seq = max((n.next_seq for n in numberings.values()), default=1)
-        size = len(_MSG_HEADER) + _packed_uint_len(seq) + len(body_packed)
+        pack = self._packer.pack
+        header = _MSG_HEADER + pack(seq)
+        size = len(header) + len(body_packed)
         if size > MESSAGE_LIMIT:
             raise MessageTooLarge(
                 f"the packed message is {size} bytes; the limit is {MESSAGE_LIMIT}"
             )
         message = OutMessage(next(self._handles), body_packed, size)
         delivery.add(message)
-        for numbering in delivery.numberings.values():
-            self._number(numbering, message)
+        for numbering in numberings.values():
+            if numbering.next_seq != seq:
+                numbering.add(message, _MSG_HEADER + pack(numbering.next_seq) + body_packed)
+            else:
+                numbering.add(message, header + body_packed)
         self.stats["sent"] += 1
         if peer.active is not None:
             self._ready.add(peer.active.id)
         else:
             self._maybe_dial(peer, now)
         return message.handle
-
-    def _number(self, numbering: Numbering, message: OutMessage) -> None:
-        """A copy of `message` in `numbering`, under its next number."""
-        numbering.add(message, self._msg_header(numbering.next_seq) + message.body)
 
     def _msg_header(self, seq: int) -> bytes:
         """The packed [0, seq, ...] up to the body."""
@@ -696,6 +698,12 @@ class Session:
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    def take_events(self) -> deque[Event]:
+        """Every event so far, in order, at once (a node's loop: one call, not one per
+        event); the session starts a new queue."""
+        events, self._events = self._events, deque()
+        return events
 
     def has_events(self) -> bool:
         return bool(self._events)
@@ -1022,7 +1030,7 @@ class Session:
         if not acked:
             return
         delivery = peer.delivery
-        handles = [m.handle for m in acked if delivery.done(m)]
+        handles = delivery.done(acked)
         if not handles:
             return
         self._events.append(MessagesAcknowledged(peer.id, handles))
@@ -1051,7 +1059,7 @@ class Session:
                 self._events.append(PeerRestarted(peer.id))
             for message in delivery.waiting():
                 if message.handle not in numbering.handles:
-                    self._number(numbering, message)
+                    numbering.add(message, self._msg_header(numbering.next_seq) + message.body)
             delivery.current = instance
             for other in list(peer.conns):
                 if other is not conn and other.authenticated and other.peer_instance != instance:
