@@ -117,15 +117,16 @@ class _SendDeadlines:
     def __bool__(self) -> bool:
         return any(not w.done for q in self._queues.values() for w in q)
 
-    def add(self, waiter: _Waiter) -> bool:
-        """File `waiter`; True if it is now the earliest of its queue (arm the timer)."""
-        queue = self._queues.get(waiter.timeout)
+    def new(self, peer: str, timeout: float, deadline: float) -> tuple[_Waiter, bool]:
+        """A waiter, filed; and whether it is the earliest of its queue (arm the timer)."""
+        waiter = _Waiter(peer, timeout, deadline)
+        queue = self._queues.get(timeout)
         if queue is None:
-            queue = self._queues[waiter.timeout] = deque()
+            queue = self._queues[timeout] = deque()
         while queue and queue[0].done:
             queue.popleft()  # acknowledged ones leave from the front, as they go
         queue.append(waiter)
-        return len(queue) == 1
+        return waiter, len(queue) == 1
 
     def expire(self, now: float) -> list[_Waiter]:
         due = []
@@ -150,26 +151,26 @@ class _Wakeup:
     """A level-triggered wake-up for one task; `set()` is cheap when already set (every
     `send()` calls it)."""
 
-    __slots__ = ("_is_set", "_task")
+    __slots__ = ("_task", "is_set")
 
     def __init__(self) -> None:
-        self._is_set = False
+        self.is_set = False
         self._task: trio.lowlevel.Task | None = None
 
     def set(self) -> None:
-        if not self._is_set:
-            self._is_set = True
+        if not self.is_set:
+            self.is_set = True
             task, self._task = self._task, None
             if task is not None:
                 trio.lowlevel.reschedule(task)
 
     async def wait(self) -> None:
-        if self._is_set:
+        if self.is_set:
             await trio.lowlevel.checkpoint()
         else:
             self._task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort)
-        self._is_set = False
+        self.is_set = False
 
     def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._task = None
@@ -284,10 +285,10 @@ class Node:
         limit = self.config.send_timeout if timeout is None else timeout
         session = self._session
         now = self._clock.now()
-        waiter = _Waiter(peer, limit, now + limit)
         # The deadline is the timer task's business (no cancel scope per message): it
         # finishes the waiter with SendTimeout; the message stays queued.
-        if self._send_deadlines.add(waiter):
+        waiter, earliest = self._send_deadlines.new(peer, limit, now + limit)
+        if earliest:
             self._arm(waiter.deadline)
         handle: int | None = None
         try:
@@ -299,7 +300,8 @@ class Node:
             self._waiters[handle] = waiter
             # The flusher task seals and writes it with whatever else is sent meanwhile
             # (one frame for many), and hands on what the session has to say.
-            self._flusher.set()
+            if not self._flusher.is_set:
+                self._flusher.set()
             if waiter.done:
                 await trio.lowlevel.checkpoint()
             else:
@@ -378,6 +380,14 @@ class Node:
         return self
 
     async def __anext__(self) -> ev.Message:
+        inbox = self._inbox
+        if inbox and self._inbox_space is None:
+            # `receive()` inline, for the common case of `async for`: a message waits and
+            # no reader waits for room.
+            message = inbox.popleft()
+            if not inbox:
+                self._inbox_ready = trio.Event()
+            return message
         try:
             return await self.receive()
         except trio.EndOfChannel:
