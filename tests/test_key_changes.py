@@ -706,6 +706,19 @@ def test_a_pair_that_can_go_on_derives_its_new_key_at_its_own_offset() -> None:
     assert received(b) == [(2, "after")]
 
 
+def test_an_update_in_the_second_half_of_the_overlap_is_derived_at_once() -> None:
+    """A node whose update comes late (a busy bridge or host) keeps half the overlap of
+    SK_1 (min(allowance, period)/2 = 1 s here) to use SK_2 before its peer erases SK_1:
+    from the middle of the overlap on, nothing waits for an offset."""
+    tvd = Tvd()
+    a, b, link = spread_pair(tvd, mid(1))
+    late = START_2 + min(2.0, 10.0) / 2
+    tvd.update("vm-a", 2, late)
+    assert a.key_state("vm-b").period == 2
+    tvd.update("vm-b", 2, late - 0.9)  # on time: it waits for its offset
+    assert b.key_state("vm-a").period == 1
+
+
 def test_a_frame_under_the_new_period_derives_the_key_at_once() -> None:
     """vm-b derived period 2 already (no spread) and seals under it: vm-a, holding the
     partial, derives it when that frame comes rather than refuse it as `unknown`."""

@@ -431,8 +431,9 @@ class Session:
         if not schedule.start(t) - allowance <= now < schedule.end(t) + allowance:
             return None  # what PairKeys.classify calls EARLY or STALE
         # The peer drops SK_{t-1} at the latest when the overlap ends (SPEC §4): a node
-        # whose update came late must not wait until then to move on.
-        return schedule.end(t - 1) + min(allowance, schedule.period_s) - self._spread
+        # derives by the middle of the overlap, so that a late update (a busy bridge or
+        # host) keeps half the overlap to use the new key before the old one goes.
+        return schedule.start(t) + min(allowance, schedule.period_s) / 2
 
     def _defer(self, peer_id: str, t: int, partial: bytearray, due: float) -> None:
         """Keep a copy of the partial to derive period t's key at `due`; zero `partial`."""
