@@ -1,4 +1,4 @@
-"""WallClock: Unix time through trio's clock, read directly when trio's clock is the real one."""
+"""WallClock: Unix time through trio's clock, under the real clock and a MockClock."""
 
 from __future__ import annotations
 
