@@ -707,9 +707,6 @@ class Session:
         events, self._events = self._events, deque()
         return events
 
-    def has_events(self) -> bool:
-        return bool(self._events)
-
     def _peer(self, peer_id: str) -> _Peer:
         peer = self._peers.get(peer_id)
         if peer is None:
