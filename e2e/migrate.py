@@ -246,6 +246,7 @@ async def scenario(args: argparse.Namespace, run: Path) -> dict[str, Any]:
                           f"{ready['period']} ({elapsed:.0f} s)", flush=True)  # fmt: skip
                 summary["boot_s"] = round(time.monotonic() - started, 1)
                 stage.enter(f"messaging; {MOVER} moves from h1 to h2 midway")
+                await single.inside_a_period(epoch, args.period)
                 for guest in guests.values():
                     await guest.say("go")
                 await trio.sleep(args.duration / 3)
