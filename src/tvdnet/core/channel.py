@@ -159,11 +159,9 @@ def encode(message: ChannelMessage) -> bytes:
                 "members": _members_wire(members),
             }
         case Update(t, partials):
-            wire = {
-                "type": "update",
-                "t": t,
-                "partials": {p: bytes(k) for p, k in partials.items()},
-            }
+            # msgpack packs a bytearray as bin, as it does bytes: no immutable copy of
+            # each partial key (which could not be zeroed), and none of the time.
+            wire = {"type": "update", "t": t, "partials": dict(partials)}
         case Ack(t, applied, missing):
             wire = {"type": "ack", "t": t, "applied": applied, "missing": list(missing)}
         case Members(members):
