@@ -382,6 +382,27 @@ async def test_a_send_that_waits_for_the_window_times_out_too(
         assert not a._window_scopes
 
 
+async def test_a_send_cancelled_while_it_waits_for_the_window_leaves_nothing_behind(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """Its cancel scope left the node's table with it (it stayed there for good: review)."""
+    h = Harness(tmp_path, ["vm-a", "vm-b"])
+    async with h.running():
+        await h.wait_keys()
+        a = h.nodes["vm-a"]
+        a._agent.members.pop("vm-b")
+        a._session._window_messages = 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(a.send, "vm-b", "fills the window", timeout=60))
+            await trio.sleep(0.1)
+            with trio.move_on_after(1) as waited:
+                await a.send("vm-b", "cancelled in the window", timeout=30)
+            assert waited.cancelled_caught
+            assert not a._window_scopes
+            nursery.cancel_scope.cancel()
+        assert a.unacknowledged("vm-b") == 1  # only the first ever entered
+
+
 async def test_a_write_that_does_not_complete_is_dropped_by_the_watchdog(
     tmp_path: Path, clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -321,10 +321,12 @@ class Node:
                 assert waiter.error is not None
                 raise waiter.error
             window = self._window_waiters.setdefault(peer, trio.Event())
-            with trio.CancelScope() as scope:
-                self._window_scopes[waiter] = scope
-                await window.wait()
-            self._window_scopes.pop(waiter, None)
+            try:
+                with trio.CancelScope() as scope:
+                    self._window_scopes[waiter] = scope
+                    await window.wait()
+            finally:  # a cancelled caller too: nothing else would remove its scope
+                self._window_scopes.pop(waiter, None)
 
     async def broadcast(self, body: Any, *, timeout: float | None = None) -> None:
         """Send `body` to every peer at once; raises BroadcastFailed naming who did not ACK."""
