@@ -439,9 +439,10 @@ class Session:
         """Keep a copy of the partial to derive period t's key at `due`; zero `partial`."""
         waiting = self._pending.get(peer_id)
         if waiting is None or waiting[0] != t:  # sent again: the first copy stays
-            self._drop_pending(peer_id)
+            if waiting is not None:
+                self._drop_pending(peer_id)
             self._pending[peer_id] = (t, bytearray(partial))
-            self._timers.set(_timer("derive", peer_id), due)
+            self._timers.set(("derive", peer_id), due)  # _timer(), inline: 1,200 a period
         partial[:] = bytes(len(partial))
 
     def _derive_pending(self, peer_id: str, now: float) -> None:
