@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,9 @@ from .local import (
     console_command,
     free_port_block,
     scratch_dir,
+    seconds,
     stop_processes,
+    whole_number,
 )
 
 __all__ = ["register", "run_loadtest"]
@@ -54,58 +55,34 @@ HUB = "hub"
 ROTATION_WINDOW = 1.0  # seconds after a period change whose messages count as "rotation"
 
 
-def _whole(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
-        return value
-
-    return parse
-
-
-def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'>=' if zero_ok else '>'} 0, not {text}"
-            )
-        return value
-
-    return parse
-
-
 def register(commands: Any) -> None:
     """`tvdnet loadtest` (the entry point `tvdnet.commands`: loadtest)."""
     p = commands.add_parser("loadtest", help="one hub and many peers on loopback, with a report")
     p.set_defaults(handler=run_loadtest)
-    p.add_argument("--peers", type=_whole(1), required=True, help="peer nodes (the paper: 1,200)")
     p.add_argument(
-        "--duration", type=_seconds(zero_ok=False), required=True, help="seconds of traffic"
+        "--peers", type=whole_number(1), required=True, help="peer nodes (the paper: 1,200)"
     )
     p.add_argument(
-        "--period", type=_seconds(zero_ok=False), required=True, help="period length in seconds"
+        "--duration", type=seconds(zero_ok=False), required=True, help="seconds of traffic"
     )
     p.add_argument(
-        "--rate", type=_seconds(zero_ok=False), default=1.0, help="messages/s each way per peer"
+        "--period", type=seconds(zero_ok=False), required=True, help="period length in seconds"
     )
-    p.add_argument("--size", type=_whole(0), default=64, help="message body size in bytes")
+    p.add_argument(
+        "--rate", type=seconds(zero_ok=False), default=1.0, help="messages/s each way per peer"
+    )
+    p.add_argument("--size", type=whole_number(0), default=64, help="message body size in bytes")
     p.add_argument(
         "--allowance",
-        type=_seconds(zero_ok=True),
+        type=seconds(zero_ok=True),
         default=SKEW_ALLOWANCE,
         help="every node's clock-skew allowance in seconds (SPEC §4; default %(default)s): "
         "on a machine that needs longer than this to deliver one period's updates to all "
         "nodes, keys lapse at every period change",
     )
-    p.add_argument("--processes", type=_whole(1), default=os.cpu_count() or 1, help="peer workers")
+    p.add_argument(
+        "--processes", type=whole_number(1), default=os.cpu_count() or 1, help="peer workers"
+    )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write throughput and latency over time (PNG)")
     p.add_argument("--keep", type=Path, help="keep the TVD files and logs in this directory")

@@ -1,9 +1,12 @@
 """What the demo, the load test, the benchmarks and the tests need to run a TVD on one
-machine: free loopback ports, the commands of this installation, stopping processes, and
-`LocalTvd`, the one way they all write a TVD file and node configurations."""
+machine: free loopback ports, the commands of this installation, stopping processes, the
+number types of their command lines, and `LocalTvd`, the one way they all write a TVD file
+and node configurations."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import random
 import shutil
 import signal
@@ -11,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +34,43 @@ __all__ = [
     "free_port",
     "free_port_block",
     "scratch_dir",
+    "seconds",
     "stop_process",
     "stop_processes",
+    "whole_number",
 ]
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum`, or an error that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return parse
+
+
+def seconds(*, zero_ok: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds > 0 (>= 0 with `zero_ok`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if zero_ok else '>'} 0, not {text}"
+            )
+        return value
+
+    return parse
 
 
 def free_port() -> int:

@@ -75,14 +75,15 @@ import trio
 from tvdnet import ControlError
 from tvdnet.control import control_request
 
-from .loadtest import _seconds, _whole
 from .local import (
     LocalMember,
     LocalTvd,
     console_command,
     free_port_block,
     scratch_dir,
+    seconds,
     stop_processes,
+    whole_number,
 )
 
 __all__ = ["FAULTS", "register", "run_soak"]
@@ -105,11 +106,11 @@ def register(commands: Any) -> None:
     """`tvdnet soak` (the entry point `tvdnet.commands`: soak)."""
     p = commands.add_parser("soak", help="real processes under injected faults; checks delivery")
     p.set_defaults(handler=run_soak)
-    p.add_argument("--peers", type=_whole(1), default=4, help="N: the TVD has N+1 nodes")
+    p.add_argument("--peers", type=whole_number(1), default=4, help="N: the TVD has N+1 nodes")
     p.add_argument(
-        "--duration", type=_seconds(zero_ok=False), default=60.0, help="seconds of faults"
+        "--duration", type=seconds(zero_ok=False), default=60.0, help="seconds of faults"
     )
-    p.add_argument("--period", type=_seconds(zero_ok=False), default=1.0, help="period length")
+    p.add_argument("--period", type=seconds(zero_ok=False), default=1.0, help="period length")
     p.add_argument("--seed", type=int, default=1, help="the nemesis's schedule")
     p.add_argument(
         "--faults",
@@ -119,12 +120,12 @@ def register(commands: Any) -> None:
     )
     p.add_argument(
         "--fault-every",
-        type=_seconds(zero_ok=False),
+        type=seconds(zero_ok=False),
         default=0.7,
         help="mean s between faults (0.7: over 200 of each kind in 30 minutes)",
     )
     p.add_argument(
-        "--interval", type=_seconds(zero_ok=False), default=0.5, help="s between a node's sends"
+        "--interval", type=seconds(zero_ok=False), default=0.5, help="s between a node's sends"
     )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="throughput and latency with the faults (PNG)")

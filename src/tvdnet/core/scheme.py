@@ -22,6 +22,7 @@ import functools
 import hmac
 import math
 import secrets
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
@@ -87,14 +88,24 @@ def evolve_device_key(dev_t: KeyBytes, tvd: str, a: str, b: str, t: int) -> byte
     """U*, first half: dev_{t+1} = HMAC-SHA256(dev_t, "tvdnet.v1.evolve" || pc || u64(t+1))."""
     _check_key(dev_t, "the device key")
     _check_period(t)
-    return _hmac(dev_t, _EVOLVE_LABEL + _context(tvd, a, b) + u64(t + 1))
+    return _evolved(dev_t, _context(tvd, a, b), t)
 
 
 def device_update(dev_t: KeyBytes, tvd: str, a: str, b: str, t: int) -> bytes:
     """U*: the partial key of period t, HMAC-SHA256(dev_t, "tvdnet.v1.device" || pc || u64(t))."""
     _check_key(dev_t, "the device key")
     _check_period(t)
-    return _hmac(dev_t, _DEVICE_LABEL + _context(tvd, a, b) + u64(t))
+    return _partial(dev_t, _context(tvd, a, b), t)
+
+
+# Unchecked: DeviceKeys runs these for every pair at every period start, over keys and
+# ids it checked when they came in (a 1,200-pair bridge, benchmarks/period_start.py).
+def _evolved(dev_t: KeyBytes, context: bytes, t: int) -> bytes:
+    return _hmac(dev_t, _EVOLVE_LABEL + context + u64(t + 1))
+
+
+def _partial(dev_t: KeyBytes, context: bytes, t: int) -> bytes:
+    return _hmac(dev_t, _DEVICE_LABEL + context + u64(t))
 
 
 def computer_update(
@@ -227,15 +238,11 @@ class DeviceKeys:
             raise NoSuchPeriod(
                 f"device keys are at period {self.period} and cannot go back to {t}", t
             )
-        # evolve_device_key for every pair, its checks and context taken out of the loop
-        # (every key here is KEY_LEN bytes, every pair's ids were checked when it came in):
-        # a 1,200-pair bridge does this at every period start.
         tvd = self.tvd
-        for period in range(self.period, t):
-            suffix = u64(period + 1)
-            for pair, key in self._keys.items():
-                message = _EVOLVE_LABEL + _context(tvd, pair.lo, pair.hi) + suffix
-                key[:] = hmac.digest(key, message, "sha256")
+        for pair, key in self._keys.items():
+            context = _context(tvd, pair.lo, pair.hi)
+            for period in range(self.period, t):
+                key[:] = _evolved(key, context, period)
         self.period = t
 
     def partial(self, a: str, b: str) -> bytes:
@@ -256,20 +263,12 @@ class DeviceKeys:
         A bridge pushing every VM's update calls this: one pass over the pairs instead of
         one per member. Each member gets its own bytearray, so each can be zeroed alone.
         """
-        out: dict[str, dict[str, bytearray]] = {}
-        tvd, suffix = self.tvd, u64(self.period)
+        out: defaultdict[str, dict[str, bytearray]] = defaultdict(dict)
         for pair, key in self._keys.items():
-            # device_update, its checks and context taken out of the loop (see evolve_to)
-            message = _DEVICE_LABEL + _context(tvd, pair.lo, pair.hi) + suffix
-            partial = hmac.digest(key, message, "sha256")
-            lo, hi = pair.lo, pair.hi
-            if (mine := out.get(lo)) is None:
-                mine = out[lo] = {}
-            mine[hi] = bytearray(partial)
-            if (mine := out.get(hi)) is None:
-                mine = out[hi] = {}
-            mine[lo] = bytearray(partial)
-        return out
+            partial = _partial(key, _context(self.tvd, pair.lo, pair.hi), self.period)
+            out[pair.lo][pair.hi] = bytearray(partial)
+            out[pair.hi][pair.lo] = bytearray(partial)
+        return dict(out)
 
     def key_bytes(self, pair: Pair) -> bytearray:
         """The stored dev_t of `pair`, for the keystore writer only."""

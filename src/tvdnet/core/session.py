@@ -673,7 +673,7 @@ class Session:
         delivery.add(message)
         for numbering in numberings.values():
             if numbering.next_seq != seq:
-                numbering.add(message, _MSG_HEADER + pack(numbering.next_seq) + body_packed)
+                numbering.add(message, self._msg_header(numbering.next_seq) + body_packed)
             else:
                 numbering.add(message, header + body_packed)
         self.stats["sent"] += 1
@@ -704,8 +704,10 @@ class Session:
 
     def take_events(self) -> deque[Event]:
         """Every event so far, in order, at once (a node's loop: one call, not one per
-        event); the session starts a new queue."""
-        events, self._events = self._events, deque()
+        event); the session starts a new queue when there were any."""
+        events = self._events
+        if events:
+            self._events = deque()
         return events
 
     def _peer(self, peer_id: str) -> _Peer:
